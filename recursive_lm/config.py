@@ -1,0 +1,263 @@
+"""Model configuration: Llama-family shape plus a *depth plan*.
+
+A depth plan describes every model in recursive_lm: ``prelude`` unique layers,
+then a shared block of ``block`` layers looped ``loops`` times, then ``coda``
+unique layers. A vanilla model is the plan with ``loops == 1`` (and, by
+convention, ``prelude == coda == 0``, every layer in the "block").
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class ConfigError(ValueError):
+  """A configuration or checkpoint does not describe a model we can build."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DepthPlan:
+  prelude: int = 0
+  block: int = 1
+  loops: int = 1
+  coda: int = 0
+
+  def __post_init__(self):
+    for name in ("prelude", "block", "loops", "coda"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or v < 0:
+        raise ConfigError(f"DepthPlan.{name} must be a non-negative int, got {v!r}")
+    if self.block < 1 or self.loops < 1:
+      raise ConfigError(
+          f"DepthPlan needs block >= 1 and loops >= 1, got block={self.block}, "
+          f"loops={self.loops}")
+
+  @classmethod
+  def vanilla(cls, n_layers: int) -> "DepthPlan":
+    return cls(prelude=0, block=n_layers, loops=1, coda=0)
+
+  @property
+  def effective_depth(self) -> int:
+    """Number of layer applications in one forward pass (unrolled depth)."""
+    return self.prelude + self.block * self.loops + self.coda
+
+  @property
+  def unique_layers(self) -> int:
+    return self.prelude + self.block + self.coda
+
+  @property
+  def is_vanilla(self) -> bool:
+    return self.loops == 1
+
+  def unrolled(self) -> list[tuple[str, int, int]]:
+    """Static schedule: one (group, index_in_group, loop) per applied layer."""
+    out = [("prelude", i, 0) for i in range(self.prelude)]
+    out += [("block", k, n) for n in range(self.loops) for k in range(self.block)]
+    out += [("coda", i, 0) for i in range(self.coda)]
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+  """RoPE frequencies; the scaling types of Llama-family ``config.json``."""
+  theta: float = 10000.0
+  scaling: str = "default"  # default | linear | dynamic | llama3 | yarn
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position: int = 8192
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+
+  def __post_init__(self):
+    if self.scaling not in ("default", "linear", "dynamic", "llama3", "yarn"):
+      raise ConfigError(
+          f"unsupported rope scaling type {self.scaling!r}; supported: default, "
+          "linear, dynamic, llama3, yarn")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  d_model: int
+  n_heads: int
+  n_kv_heads: int
+  d_ff: int
+  plan: DepthPlan
+  head_dim: int | None = None
+  norm_eps: float = 1e-5
+  rope: RopeConfig = RopeConfig()
+  tie_embeddings: bool = True
+  max_seq_len: int = 2048
+  # Per-loop LoRA ranks on the shared block, as ((target, rank), ...).
+  lora_ranks: tuple[tuple[str, int], ...] = ()
+  lora_scale: float = 1.0
+  dtype: str = "float32"        # compute dtype
+  param_dtype: str = "float32"
+  # Token ids the checkpoint declares (None when unknown).
+  bos_id: int | None = None
+  eos_id: int | None = None
+  pad_id: int | None = None
+  name: str = "llama"
+
+  def __post_init__(self):
+    if self.head_dim is None:
+      if self.d_model % self.n_heads:
+        raise ConfigError(
+            f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+            "set head_dim explicitly")
+      object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+    if self.n_heads % self.n_kv_heads:
+      raise ConfigError(
+          f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
+          " (grouped-query attention)")
+    for t, r in self.lora_ranks:
+      if t not in LORA_TARGETS:
+        raise ConfigError(f"unknown LoRA target {t!r}; choose from {LORA_TARGETS}")
+      if r < 0:
+        raise ConfigError(f"LoRA rank for {t!r} must be >= 0, got {r}")
+
+  @property
+  def n_layers(self) -> int:
+    return self.plan.effective_depth
+
+  @property
+  def lora(self) -> dict[str, int]:
+    return {t: r for t, r in self.lora_ranks if r > 0}
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    d = dict(d)
+    d["plan"] = DepthPlan(**d["plan"])
+    d["rope"] = RopeConfig(**d["rope"])
+    d["lora_ranks"] = tuple(tuple(x) for x in d.get("lora_ranks", ()))
+    return cls(**d)
+
+  # --- Hugging Face config.json ---------------------------------------------
+  @classmethod
+  def from_hf_config(cls, hf: Mapping[str, Any], source: str = "config.json"
+                     ) -> "ModelConfig":
+    """Builds a vanilla config from a Llama-family ``config.json`` dict."""
+    arch = hf.get("model_type") or "?"
+    archs = hf.get("architectures") or []
+    if arch not in ("llama", "mistral", "qwen2") and "LlamaForCausalLM" not in archs:
+      raise ConfigError(
+          f"{source}: model_type={arch!r} architectures={archs} is not a Llama-family "
+          "decoder; recursive_lm imports model_type 'llama' (SmolLM/SmolLM2, TinyLlama, "
+          "Llama-2/3 style checkpoints)")
+    missing = [k for k in ("vocab_size", "hidden_size", "num_attention_heads",
+                           "intermediate_size", "num_hidden_layers") if k not in hf]
+    if missing:
+      raise ConfigError(f"{source}: missing required keys {missing}")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+      raise ConfigError(f"{source}: attention_bias/mlp_bias=True is not supported "
+                        "(Llama checkpoints have no projection biases)")
+    rs = hf.get("rope_scaling") or hf.get("rope_parameters") or None
+    theta = float(hf.get("rope_theta", (rs or {}).get("rope_theta", 10000.0)))
+    rope = RopeConfig(theta=theta)
+    if rs:
+      kind = rs.get("rope_type", rs.get("type", "default"))
+      rope = RopeConfig(
+          theta=theta, scaling=kind, factor=float(rs.get("factor", 1.0)),
+          low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+          high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
+          original_max_position=int(rs.get(
+              "original_max_position_embeddings",
+              hf.get("max_position_embeddings", 8192))),
+          beta_fast=float(rs.get("beta_fast", 32.0)),
+          beta_slow=float(rs.get("beta_slow", 1.0)))
+    n_heads = int(hf["num_attention_heads"])
+
+    def _first(x):
+      return x[0] if isinstance(x, (list, tuple)) else x
+
+    return cls(
+        vocab_size=int(hf["vocab_size"]),
+        d_model=int(hf["hidden_size"]),
+        n_heads=n_heads,
+        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+        d_ff=int(hf["intermediate_size"]),
+        head_dim=hf.get("head_dim"),
+        plan=DepthPlan.vanilla(int(hf["num_hidden_layers"])),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+        rope=rope,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+        bos_id=_first(hf.get("bos_token_id")),
+        eos_id=_first(hf.get("eos_token_id")),
+        pad_id=_first(hf.get("pad_token_id")),
+        name=str(hf.get("_name_or_path") or arch),
+    )
+
+  def to_hf_config(self) -> dict[str, Any]:
+    """A ``config.json`` dict for the *unrolled* (vanilla) form of this model."""
+    d = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": self.vocab_size,
+        "hidden_size": self.d_model,
+        "intermediate_size": self.d_ff,
+        "num_hidden_layers": self.plan.effective_depth,
+        "num_attention_heads": self.n_heads,
+        "num_key_value_heads": self.n_kv_heads,
+        "head_dim": self.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": self.max_seq_len,
+        "rms_norm_eps": self.norm_eps,
+        "rope_theta": self.rope.theta,
+        "tie_word_embeddings": self.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": "float32",
+    }
+    if self.rope.scaling != "default":
+      r = self.rope
+      d["rope_scaling"] = {
+          "rope_type": r.scaling, "factor": r.factor,
+          "low_freq_factor": r.low_freq_factor,
+          "high_freq_factor": r.high_freq_factor,
+          "original_max_position_embeddings": r.original_max_position,
+          "beta_fast": r.beta_fast, "beta_slow": r.beta_slow}
+    for k in ("bos_id", "eos_id", "pad_id"):
+      v = getattr(self, k)
+      if v is not None:
+        d[k.replace("_id", "_token_id")] = v
+    return d
+
+
+def load_hf_config(folder: str | os.PathLike) -> ModelConfig:
+  path = os.path.join(os.fspath(folder), "config.json")
+  if not os.path.exists(path):
+    raise ConfigError(f"{path} not found: a Hugging Face model folder needs config.json")
+  try:
+    with open(path) as f:
+      hf = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path} is not valid JSON ({e}); re-download or fix the file") from e
+  return ModelConfig.from_hf_config(hf, source=path)
+
+
+def tiny_config(**overrides) -> ModelConfig:
+  """A tiny random-weight config for tests (vocab 97, d 32, 4 layers)."""
+  base = dict(vocab_size=97, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64,
+              plan=DepthPlan.vanilla(4), max_seq_len=64, tie_embeddings=False,
+              eos_id=1, bos_id=0, pad_id=0)
+  base.update(overrides)
+  return ModelConfig(**base)
+
+
+SMOLLM2_135M = ModelConfig(
+    vocab_size=49152, d_model=576, n_heads=9, n_kv_heads=3, d_ff=1536,
+    plan=DepthPlan.vanilla(30), norm_eps=1e-5, rope=RopeConfig(theta=100000.0),
+    tie_embeddings=True, max_seq_len=8192, bos_id=1, eos_id=2, pad_id=2,
+    name="smollm2-135m")
