@@ -97,6 +97,9 @@ class ModelConfig:
   lora_ranks: tuple[tuple[str, int], ...] = ()
   lora_scale: float = 1.0
   dtype: str = "float32"        # compute dtype
+  # Rematerialisation of each loop of the shared block: "none", "full", or a
+  # jax.checkpoint_policies name (e.g. "dots_with_no_batch_dims_saveable").
+  remat: str = "none"
   param_dtype: str = "float32"
   # Token ids the checkpoint declares (None when unknown).
   bos_id: int | None = None

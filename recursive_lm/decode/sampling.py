@@ -1,0 +1,47 @@
+"""Token sampling: greedy, temperature, top-k, top-p; per row, jit-friendly."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """``greedy`` ignores the rest. ``top_k`` is static (0 = off); ``top_p`` 1.0 = off."""
+  greedy: bool = True
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if not self.greedy:
+      if self.temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for sampling, got {self.temperature};"
+                         " use greedy=True for argmax decoding")
+      if not 0 < self.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+      if self.top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+def sample(logits: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> jax.Array:
+  """logits [B, V] -> token ids [B] (int32)."""
+  logits = logits.astype(jnp.float32)
+  if cfg.greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / cfg.temperature
+  neg = jnp.finfo(jnp.float32).min
+  if cfg.top_k > 0:
+    kth = jax.lax.top_k(logits, cfg.top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, neg, logits)
+  if cfg.top_p < 1.0:
+    srt = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(srt, axis=-1)
+    cum = jnp.cumsum(probs, axis=-1)
+    # keep the smallest prefix whose mass reaches top_p (always >= 1 token)
+    keep = (cum - probs) < cfg.top_p
+    cutoff = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, neg, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)

@@ -1,0 +1,229 @@
+"""Llama-family building blocks in Flax Linen: RMSNorm, RoPE, GQA attention, SwiGLU.
+
+Every parameter carries logical axis names (see ``recursive_lm.sharding``) so a
+mesh and a rule preset are all sharding needs. Matmul kernels are stored
+``[in, out]``; compute runs in ``cfg.dtype`` with norms and softmax in float32.
+
+Attention runs in one of two modes:
+* **sequence mode** (``cache is None``): attention among the tokens of the
+  call, causal by index and restricted to equal ``segment_ids`` (packing).
+* **cache mode**: the call's keys/values are scattered into a static-shape
+  cache at per-token ``write_slots`` (slot == position; out-of-range slots
+  are dropped, which is how padding writes nothing), then every query attends
+  to the cache slots ``<=`` its own position. One primitive serves prefill,
+  single-token decode, chunked verification and deferred deep passes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from recursive_lm.config import ModelConfig, RopeConfig
+
+Array = jax.Array
+
+# Logical axis names used by parameters and activations.
+EMBED, VOCAB, HEADS, KV_HEADS, MLP = "embed", "vocab", "heads", "kv_heads", "mlp"
+LOOPS, LORA_RANK = "loops", "lora_rank"
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)
+
+
+def param_with_axes(module: nn.Module, name: str, init, shape, axes, dtype):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+# --------------------------------------------------------------------------- RoPE
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
+  """Inverse frequencies with the static scaling types of HF ``rope_scaling``."""
+  inv = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+  if rope.scaling == "linear":
+    inv = inv / rope.factor
+  elif rope.scaling == "llama3":
+    low_wl = rope.original_max_position / rope.low_freq_factor
+    high_wl = rope.original_max_position / rope.high_freq_factor
+    wl = 2 * math.pi / inv
+    smooth = (rope.original_max_position / wl - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor)
+    scaled = np.where(wl > low_wl, inv / rope.factor, inv)
+    mid = (wl <= low_wl) & (wl >= high_wl)
+    inv = np.where(mid, (1 - smooth) * inv / rope.factor + smooth * inv, scaled)
+  elif rope.scaling == "yarn":
+    dim = head_dim
+
+    def corr(n_rot):
+      return (dim * math.log(rope.original_max_position / (n_rot * 2 * math.pi))) / (
+          2 * math.log(rope.theta))
+
+    low = max(math.floor(corr(rope.beta_fast)), 0)
+    high = min(math.ceil(corr(rope.beta_slow)), dim - 1)
+    ramp = np.clip((np.arange(dim // 2) - low) / max(high - low, 1e-3), 0, 1)
+    extrap = 1 - ramp
+    inv = (inv / rope.factor) * (1 - extrap) + inv * extrap
+  return inv.astype(np.float32)
+
+
+def rope_attention_scale(rope: RopeConfig) -> float:
+  if rope.scaling == "yarn":
+    return 0.1 * math.log(rope.factor) + 1.0 if rope.factor > 1 else 1.0
+  return 1.0
+
+
+def rope_cos_sin(rope: RopeConfig, head_dim: int, positions: Array):
+  """cos/sin of shape [B, T, head_dim] for integer ``positions`` [B, T]."""
+  pos = positions.astype(jnp.float32)
+  if rope.scaling == "dynamic":
+    # HF dynamic NTK: grow the base once the sequence passes the original length.
+    seq = jnp.maximum(jnp.max(positions) + 1, rope.original_max_position).astype(jnp.float32)
+    base = rope.theta * ((rope.factor * seq / rope.original_max_position)
+                         - (rope.factor - 1)) ** (head_dim / (head_dim - 2))
+    inv = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  else:
+    inv = jnp.asarray(rope_inv_freq(rope, head_dim))
+  ang = pos[..., None] * inv  # [B, T, Dh/2]
+  emb = jnp.concatenate([ang, ang], axis=-1)
+  scale = rope_attention_scale(rope)
+  return jnp.cos(emb) * scale, jnp.sin(emb) * scale
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """Rotate-half RoPE (HF layout). x: [B, T, H, Dh]; cos/sin: [B, T, Dh]."""
+  half = x.shape[-1] // 2
+  x1, x2 = x[..., :half], x[..., half:]
+  rot = jnp.concatenate([-x2, x1], axis=-1)
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  return (x.astype(jnp.float32) * cos + rot.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------- norm
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],),
+                            (EMBED,), self.param_dtype)
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+# --------------------------------------------------------------------------- linear
+class Linear(nn.Module):
+  """Bias-free ``x @ kernel`` with logical axes, plus an optional LoRA delta.
+
+  ``lora`` is ``(a [in, r], b [r, out])`` for the current loop, or None.
+  """
+  features: int
+  axes: tuple[str, str]
+  lora_scale: float = 1.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, lora=None):
+    kernel = param_with_axes(self, "kernel", nn.initializers.normal(0.02),
+                             (x.shape[-1], self.features), self.axes, self.param_dtype)
+    x = x.astype(self.dtype)
+    y = x @ kernel.astype(self.dtype)
+    if lora is not None:
+      a, b = lora
+      y = y + ((x @ a.astype(self.dtype)) @ b.astype(self.dtype)) * self.lora_scale
+    return y
+
+
+# --------------------------------------------------------------------------- attention
+def attention_mask(q_positions, segment_ids=None, kv_len=None, cache_mode=False):
+  """Boolean mask [B, 1, 1, T, S] (broadcast over kv heads and group)."""
+  if cache_mode:
+    slots = jnp.arange(kv_len)
+    m = slots[None, None, :] <= q_positions[:, :, None]  # [B, T, S]
+  else:
+    t = q_positions.shape[1]
+    idx = jnp.arange(t)
+    m = (idx[None, :] <= idx[:, None])[None]  # [1, T, T] causal by index
+    if segment_ids is not None:
+      same = segment_ids[:, :, None] == segment_ids[:, None, :]
+      m = m & same & (segment_ids[:, None, :] != 0)
+  return m[:, None, None]
+
+
+def scatter_kv(cache: Array, new: Array, slots: Array) -> Array:
+  """Writes new [B, T, Hkv, Dh] into cache [B, S, Hkv, Dh] at slots [B, T].
+
+  Slots outside [0, S) are dropped (padding and masked-out tokens write nothing).
+  """
+  b = jnp.arange(cache.shape[0])[:, None]
+  return cache.at[b, slots].set(new.astype(cache.dtype), mode="drop")
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, cos, sin, mask, cache=None, write_slots=None, lora=None):
+    cfg = self.cfg
+    dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+    h, hkv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    lora = lora or {}
+    lin = lambda feat, axes, name: Linear(feat, axes, cfg.lora_scale, dt, pdt, name=name)
+    b, t, _ = x.shape
+    q = lin(h * dh, (EMBED, HEADS), "q")(x, lora.get("q")).reshape(b, t, h, dh)
+    k = lin(hkv * dh, (EMBED, KV_HEADS), "k")(x, lora.get("k")).reshape(b, t, hkv, dh)
+    v = lin(hkv * dh, (EMBED, KV_HEADS), "v")(x, lora.get("v")).reshape(b, t, hkv, dh)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    new_cache = None
+    if cache is not None:
+      ck, cv = cache
+      ck, cv = scatter_kv(ck, k, write_slots), scatter_kv(cv, v, write_slots)
+      new_cache = (ck, cv)
+      k, v = ck.astype(dt), cv.astype(dt)
+    g = h // hkv
+    q = q.reshape(b, t, hkv, g, dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
+                        preferred_element_type=jnp.float32) / math.sqrt(dh)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h * dh)
+    out = lin(cfg.d_model, (HEADS, EMBED), "o")(out, lora.get("o"))
+    return out, new_cache
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, lora=None):
+    cfg = self.cfg
+    dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+    lora = lora or {}
+    lin = lambda feat, axes, name: Linear(feat, axes, cfg.lora_scale, dt, pdt, name=name)
+    gate = lin(cfg.d_ff, (EMBED, MLP), "gate")(x, lora.get("gate"))
+    up = lin(cfg.d_ff, (EMBED, MLP), "up")(x, lora.get("up"))
+    return lin(cfg.d_model, (MLP, EMBED), "down")(jax.nn.silu(gate) * up, lora.get("down"))
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm Llama layer. Returns (h, new_cache)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, h, cos, sin, mask, cache=None, write_slots=None, lora=None):
+    cfg = self.cfg
+    dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+    lora = lora or {}
+    a, new_cache = Attention(cfg, name="attn")(
+        RMSNorm(cfg.norm_eps, dt, pdt, name="attn_norm")(h), cos, sin, mask,
+        cache, write_slots, lora)
+    h = h + a.astype(h.dtype)
+    m = MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dt, pdt, name="mlp_norm")(h), lora)
+    return h + m.astype(h.dtype), new_cache

@@ -1,0 +1,209 @@
+"""The one model of recursive_lm: a Llama-family decoder described by a depth plan.
+
+    tokens -> embed -> prelude layers -> [shared block of K layers] x N loops
+           -> coda layers -> final norm -> LM head
+
+The shared block runs under ``nn.scan`` over loops with its params broadcast
+(every loop applies the same weights); per-loop pieces ride along as scanned
+inputs: LoRA factors ``[N, ...]`` and an optional per-token loop mask
+``[N, B, T]`` (a token whose mask is False at loop n passes through it
+unchanged and writes no KV there). The KV cache of the block is ``[N, B, S,
+Hkv, Dh]`` per layer and lives in the scan carry, so it is updated in place.
+Layers inside a group are a Python loop over separately stored parameters:
+on CPU, scanning stacked layer weights makes XLA copy each slice, which
+halves decode speed (measured: 9.7 vs 16.2 GB/s effective at batch 1).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from recursive_lm.config import ModelConfig
+from recursive_lm.nn import layers as L
+
+Array = jax.Array
+
+LORA_SHAPES = {  # target -> (d_in, d_out) as functions of cfg
+    "q": lambda c: (c.d_model, c.n_heads * c.head_dim),
+    "k": lambda c: (c.d_model, c.n_kv_heads * c.head_dim),
+    "v": lambda c: (c.d_model, c.n_kv_heads * c.head_dim),
+    "o": lambda c: (c.n_heads * c.head_dim, c.d_model),
+    "gate": lambda c: (c.d_model, c.d_ff),
+    "up": lambda c: (c.d_model, c.d_ff),
+    "down": lambda c: (c.d_ff, c.d_model),
+}
+LORA_AXES = {"q": (L.EMBED, L.HEADS), "k": (L.EMBED, L.KV_HEADS),
+             "v": (L.EMBED, L.KV_HEADS), "o": (L.HEADS, L.EMBED),
+             "gate": (L.EMBED, L.MLP), "up": (L.EMBED, L.MLP),
+             "down": (L.MLP, L.EMBED)}
+
+
+class _LoopBody(nn.Module):
+  """One application of the shared block (all K layers) for one loop."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, carry, xs, cos, sin, mask, write_slots):
+    h, cache, n = carry
+    lora_n, loop_mask = xs
+    h_in = h
+    slots = write_slots
+    if loop_mask is not None and write_slots is not None:
+      # Tokens that skip this loop write no KV here (recursion-wise caching).
+      drop = jnp.iinfo(write_slots.dtype).max
+      slots = jnp.where(loop_mask, write_slots, drop)
+    new_cache = []
+    for k in range(self.cfg.plan.block):
+      c = None if cache is None else (cache[k][0][n], cache[k][1][n])
+      lk = None if lora_n is None else lora_n.get(f"layer_{k}")
+      h, c2 = L.DecoderLayer(self.cfg, name=f"layer_{k}")(
+          h, cos, sin, mask, c, slots, lk)
+      if cache is not None:
+        new_cache.append((cache[k][0].at[n].set(c2[0]), cache[k][1].at[n].set(c2[1])))
+    if loop_mask is not None:
+      h = jnp.where(loop_mask[..., None], h, h_in)
+    # Unused per-loop states are removed by scan's dead-code elimination.
+    return (h, new_cache if cache is not None else None, n + 1), h
+
+
+def _scanned_block(cfg: ModelConfig, name: str):
+  body = _LoopBody
+  if cfg.remat != "none":
+    policy = None if cfg.remat == "full" else getattr(jax.checkpoint_policies, cfg.remat)
+    body = nn.remat(_LoopBody, prevent_cse=False, policy=policy)
+  return nn.scan(
+      body, variable_broadcast="params", split_rngs={"params": False},
+      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+      length=cfg.plan.loops)(cfg, name=name)
+
+
+class LoraBank(nn.Module):
+  """Per-loop LoRA factors for every shared-block layer: a [N, in, r], b [N, r, out]."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self):
+    cfg, n = self.cfg, self.cfg.plan.loops
+    pdt = jnp.dtype(cfg.param_dtype)
+    out = {}
+    for k in range(cfg.plan.block):
+      layer = {}
+      for t, r in cfg.lora.items():
+        d_in, d_out = LORA_SHAPES[t](cfg)
+        ax_in, ax_out = LORA_AXES[t]
+        a = L.param_with_axes(self, f"layer_{k}_{t}_a",
+                              nn.initializers.normal(1.0 / max(d_in, 1) ** 0.5),
+                              (n, d_in, r), (L.LOOPS, ax_in, L.LORA_RANK), pdt)
+        b = L.param_with_axes(self, f"layer_{k}_{t}_b", nn.initializers.zeros,
+                              (n, r, d_out), (L.LOOPS, L.LORA_RANK, ax_out), pdt)
+        layer[t] = (a, b)
+      out[f"layer_{k}"] = layer
+    return out
+
+
+class Transformer(nn.Module):
+  """Decoder LM over a depth plan. See module docstring.
+
+  ``__call__`` returns a dict with ``logits`` [B, T, V], ``cache`` (when one
+  was given) and ``loop_states`` [N, B, T, D] (hidden state after each loop,
+  when ``collect_loop_states``; exits apply ``head`` to them).
+  """
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    self.embed = nn.Embed(
+        cfg.vocab_size, cfg.d_model, dtype=dt, param_dtype=pdt,
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), (L.VOCAB, L.EMBED)))
+    self.prelude = [L.DecoderLayer(cfg, name=f"prelude_{i}")
+                    for i in range(cfg.plan.prelude)]
+    self.block = _scanned_block(cfg, "block")
+    self.coda = [L.DecoderLayer(cfg, name=f"coda_{i}") for i in range(cfg.plan.coda)]
+    self.final_norm = L.RMSNorm(cfg.norm_eps, dt, pdt)
+    if not cfg.tie_embeddings:
+      self.lm_head = L.Linear(cfg.vocab_size, (L.EMBED, L.VOCAB), 1.0, dt, pdt)
+    if cfg.lora:
+      self.lora = LoraBank(cfg)
+
+  # -- pieces (also used by the decode engine through ``method=``) ------------
+  def embed_tokens(self, tokens):
+    return self.embed(tokens)
+
+  def head(self, h):
+    h = self.final_norm(h)
+    if self.cfg.tie_embeddings:
+      return self.embed.attend(h)
+    return self.lm_head(h)
+
+  def layers(self, h, positions, segment_ids=None, cache=None, write_slots=None,
+             loop_mask=None, collect_loop_states=False):
+    """Runs prelude, loops and coda. Returns (h, new_cache, loop_states)."""
+    cfg = self.cfg
+    cos, sin = L.rope_cos_sin(cfg.rope, cfg.head_dim, positions)
+    cache_mode = cache is not None
+    kv_len = cache["block"][0][0].shape[2] if cache_mode else None
+    mask = L.attention_mask(positions, segment_ids, kv_len, cache_mode)
+    new = {"prelude": [], "block": None, "coda": []}
+    for i, layer in enumerate(self.prelude):
+      h, c = layer(h, cos, sin, mask, cache["prelude"][i] if cache_mode else None,
+                   write_slots)
+      new["prelude"].append(c)
+    lora = self.lora() if cfg.lora else None
+    carry = (h, cache["block"] if cache_mode else None, jnp.zeros((), jnp.int32))
+    (h, block_cache, _), states = self.block(carry, (lora, loop_mask), cos, sin, mask,
+                                       write_slots)
+    new["block"] = block_cache
+    for i, layer in enumerate(self.coda):
+      h, c = layer(h, cos, sin, mask, cache["coda"][i] if cache_mode else None,
+                   write_slots)
+      new["coda"].append(c)
+    return h, (new if cache_mode else None), (states if collect_loop_states else None)
+
+  def __call__(self, tokens, positions=None, segment_ids=None, cache=None,
+               write_slots=None, loop_mask=None, collect_loop_states=False,
+               return_hidden=False):
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if cache is not None and write_slots is None:
+      write_slots = positions
+    h = self.embed_tokens(tokens)
+    h, new_cache, states = self.layers(h, positions, segment_ids, cache, write_slots,
+                                       loop_mask, collect_loop_states)
+    out: dict[str, Any] = {"logits": self.head(h)}
+    if cache is not None:
+      out["cache"] = new_cache
+    if collect_loop_states:
+      out["loop_states"] = states
+    if return_hidden:
+      out["hidden"] = h
+    return out
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
+  """Zero KV cache for ``batch`` rows of ``length`` slots (slot == position)."""
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+  z = lambda *lead: jnp.zeros(lead + shape, dtype)
+  return {
+      "prelude": [(z(), z()) for _ in range(cfg.plan.prelude)],
+      "block": [(z(cfg.plan.loops), z(cfg.plan.loops)) for _ in range(cfg.plan.block)],
+      "coda": [(z(), z()) for _ in range(cfg.plan.coda)],
+  }
+
+
+def init_params(cfg: ModelConfig, seed: int = 0, seq_len: int = 8):
+  """Random parameters (unboxed) for ``cfg``."""
+  model = Transformer(cfg)
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  variables = model.init(jax.random.key(seed), tokens)
+  return nn.meta.unbox(variables["params"])
+
+
+def param_count(params) -> int:
+  return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
