@@ -100,6 +100,9 @@ class ModelConfig:
   # Rematerialisation of each loop of the shared block: "none", "full", or a
   # jax.checkpoint_policies name (e.g. "dots_with_no_batch_dims_saveable").
   remat: str = "none"
+  # Storage of dense kernels: "in_out" ([in, out], the default for training and
+  # checkpoints) or "out_in" (used by the decode engine at small batch).
+  kernel_layout: str = "in_out"
   param_dtype: str = "float32"
   # Token ids the checkpoint declares (None when unknown).
   bos_id: int | None = None
@@ -118,6 +121,9 @@ class ModelConfig:
       raise ConfigError(
           f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
           " (grouped-query attention)")
+    if self.kernel_layout not in ("in_out", "out_in"):
+      raise ConfigError(f"kernel_layout must be 'in_out' or 'out_in', got "
+                        f"{self.kernel_layout!r}")
     for t, r in self.lora_ranks:
       if t not in LORA_TARGETS:
         raise ConfigError(f"unknown LoRA target {t!r}; choose from {LORA_TARGETS}")

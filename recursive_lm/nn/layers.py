@@ -129,12 +129,23 @@ class Linear(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  # "in_out" stores [in, out] (training default); "out_in" stores [out, in],
+  # which makes batch-1 decoding a row-major GEMV (measured 30.5 vs 22.9 GB/s).
+  layout: str = "in_out"
+
   @nn.compact
   def __call__(self, x, lora=None):
-    kernel = param_with_axes(self, "kernel", nn.initializers.normal(0.02),
-                             (x.shape[-1], self.features), self.axes, self.param_dtype)
     x = x.astype(self.dtype)
-    y = x @ kernel.astype(self.dtype)
+    if self.layout == "out_in":
+      kernel = param_with_axes(self, "kernel", nn.initializers.normal(0.02),
+                               (self.features, x.shape[-1]), self.axes[::-1],
+                               self.param_dtype)
+      y = jax.lax.dot_general(x, kernel.astype(self.dtype),
+                              (((x.ndim - 1,), (1,)), ((), ())))
+    else:
+      kernel = param_with_axes(self, "kernel", nn.initializers.normal(0.02),
+                               (x.shape[-1], self.features), self.axes, self.param_dtype)
+      y = x @ kernel.astype(self.dtype)
     if lora is not None:
       a, b = lora
       y = y + ((x @ a.astype(self.dtype)) @ b.astype(self.dtype)) * self.lora_scale
@@ -175,7 +186,8 @@ class Attention(nn.Module):
     dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     h, hkv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     lora = lora or {}
-    lin = lambda feat, axes, name: Linear(feat, axes, cfg.lora_scale, dt, pdt, name=name)
+    lin = lambda feat, axes, name: Linear(feat, axes, cfg.lora_scale, dt, pdt,
+                                         cfg.kernel_layout, name=name)
     b, t, _ = x.shape
     q = lin(h * dh, (EMBED, HEADS), "q")(x, lora.get("q")).reshape(b, t, h, dh)
     k = lin(hkv * dh, (EMBED, KV_HEADS), "k")(x, lora.get("k")).reshape(b, t, hkv, dh)
@@ -206,7 +218,8 @@ class MLP(nn.Module):
     cfg = self.cfg
     dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     lora = lora or {}
-    lin = lambda feat, axes, name: Linear(feat, axes, cfg.lora_scale, dt, pdt, name=name)
+    lin = lambda feat, axes, name: Linear(feat, axes, cfg.lora_scale, dt, pdt,
+                                         cfg.kernel_layout, name=name)
     gate = lin(cfg.d_ff, (EMBED, MLP), "gate")(x, lora.get("gate"))
     up = lin(cfg.d_ff, (EMBED, MLP), "up")(x, lora.get("up"))
     return lin(cfg.d_model, (MLP, EMBED), "down")(jax.nn.silu(gate) * up, lora.get("down"))

@@ -126,7 +126,8 @@ class Transformer(nn.Module):
     self.coda = [L.DecoderLayer(cfg, name=f"coda_{i}") for i in range(cfg.plan.coda)]
     self.final_norm = L.RMSNorm(cfg.norm_eps, dt, pdt)
     if not cfg.tie_embeddings:
-      self.lm_head = L.Linear(cfg.vocab_size, (L.EMBED, L.VOCAB), 1.0, dt, pdt)
+      self.lm_head = L.Linear(cfg.vocab_size, (L.EMBED, L.VOCAB), 1.0, dt, pdt,
+                              cfg.kernel_layout)
     if cfg.lora:
       self.lora = LoraBank(cfg)
 
@@ -203,6 +204,18 @@ def init_params(cfg: ModelConfig, seed: int = 0, seq_len: int = 8):
   tokens = jnp.zeros((1, seq_len), jnp.int32)
   variables = model.init(jax.random.key(seed), tokens)
   return nn.meta.unbox(variables["params"])
+
+
+def to_kernel_layout(cfg: ModelConfig, params, layout: str):
+  """(cfg, params) with every dense kernel stored in ``layout`` ("in_out"/"out_in")."""
+  if layout == cfg.kernel_layout:
+    return cfg, params
+
+  def fix(path, x):
+    return x.T if getattr(path[-1], "key", None) == "kernel" else x
+
+  return (cfg.replace(kernel_layout=layout),
+          jax.tree_util.tree_map_with_path(fix, params))
 
 
 def param_count(params) -> int:

