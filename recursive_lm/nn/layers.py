@@ -210,7 +210,7 @@ class Attention(nn.Module):
     return out, new_cache
 
 
-class MLP(nn.Module):
+class SwiGLU(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
@@ -238,5 +238,5 @@ class DecoderLayer(nn.Module):
         RMSNorm(cfg.norm_eps, dt, pdt, name="attn_norm")(h), cos, sin, mask,
         cache, write_slots, lora)
     h = h + a.astype(h.dtype)
-    m = MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dt, pdt, name="mlp_norm")(h), lora)
+    m = SwiGLU(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dt, pdt, name="mlp_norm")(h), lora)
     return h + m.astype(h.dtype), new_cache
