@@ -1,0 +1,160 @@
+"""Decode throughput of the engine vs transformers, as a fraction of the memory roofline.
+
+    python experiments/bench_decode.py                  # embedded SmolLM2-135M
+    python experiments/bench_decode.py --batches=1,8 --runs=5
+
+For each batch size: prompt of 32 tokens, 128 new tokens, greedy, float32,
+median over ``--runs`` runs after a warm-up. Roofline: decoding one step
+reads every weight once (f32), so ``steps/s <= bandwidth / weight_bytes``;
+the bandwidth is measured here as the read rate of a 1 GiB array (median of
+numpy and XLA reductions, best of both). transformers (the ``peer`` extra)
+runs on the same weights and thread count when installed. Writes
+``results/bench_decode.json`` and ``results/bench_decode.md``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "smollm2-135m", "Model to benchmark.")
+flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
+flags.DEFINE_integer("prompt_len", 32, "Prompt tokens.")
+flags.DEFINE_integer("new_tokens", 128, "New tokens.")
+flags.DEFINE_integer("runs", 5, "Timed runs per setting (median reported).")
+flags.DEFINE_list("layouts", ["in_out", "out_in"], "Engine kernel layouts to try.")
+flags.DEFINE_bool("peer", True, "Also time transformers if installed.")
+flags.DEFINE_string("out", "results", "Output folder.")
+
+
+def measure_bandwidth(n_bytes: int = 1 << 30, reps: int = 7) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  a = np.ones(n_bytes // 4, np.float32)
+  t_np = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    a.sum()
+    t_np.append(time.perf_counter() - t)
+  x = jnp.asarray(a)
+  f = jax.jit(jnp.sum)
+  f(x).block_until_ready()
+  t_jx = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(x).block_until_ready()
+    t_jx.append(time.perf_counter() - t)
+  bw_np, bw_jx = n_bytes / statistics.median(t_np), n_bytes / statistics.median(t_jx)
+  return {"numpy_sum_GBps": bw_np / 1e9, "xla_sum_GBps": bw_jx / 1e9,
+          "bandwidth_GBps": max(bw_np, bw_jx) / 1e9}
+
+
+def bench_engine(m, batch: int, layout: str) -> dict:
+  from recursive_lm.decode.engine import Engine
+  eng = Engine(m.cfg.replace(eos_id=None), m.params, kernel_layout=layout)
+  prompts = [[(17 * i + 3 * j) % 1000 + 100 for j in range(FLAGS.prompt_len)]
+             for i in range(batch)]
+  eng.generate(prompts, FLAGS.new_tokens, stop_at_eos=False)  # warm-up / compile
+  step_s, total = [], []
+  for _ in range(FLAGS.runs):
+    o = eng.generate(prompts, FLAGS.new_tokens, stop_at_eos=False)
+    step_s.append(o.decode_seconds / o.steps)
+    total.append(o.prefill_seconds + o.decode_seconds)
+  s = statistics.median(step_s)
+  return {"engine": f"recursive_lm ({layout})", "batch": batch,
+          "tokens_per_s": batch / s, "step_ms": s * 1e3,
+          "end_to_end_tokens_per_s": batch * FLAGS.new_tokens / statistics.median(total),
+          "runs": [batch / x for x in step_s]}
+
+
+def bench_transformers(m, batch: int) -> dict | None:
+  try:
+    import torch
+    import transformers
+  except ImportError:
+    return None
+  from recursive_lm.nn.weights import hf_from_params
+  torch.set_num_threads(os.cpu_count() or 1)
+  hf_cfg = transformers.LlamaConfig(**{k: v for k, v in m.cfg.to_hf_config().items()
+                                       if k not in ("architectures", "model_type",
+                                                    "torch_dtype")})
+  model = transformers.LlamaForCausalLM(hf_cfg).eval()
+  sd = {k: torch.from_numpy(v) for k, v in hf_from_params(m.cfg, m.params).items()}
+  missing, unexpected = model.load_state_dict(sd, strict=False)
+  assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
+  model.tie_weights()
+  ids = torch.tensor([[(17 * i + 3 * j) % 1000 + 100 for j in range(FLAGS.prompt_len)]
+                      for i in range(batch)])
+  kw = dict(max_new_tokens=FLAGS.new_tokens, min_new_tokens=FLAGS.new_tokens,
+            do_sample=False, use_cache=True, pad_token_id=0)
+  with torch.inference_mode():
+    model.generate(ids, **kw)
+    ts = []
+    for _ in range(FLAGS.runs):
+      t = time.perf_counter()
+      model.generate(ids, **kw)
+      ts.append(time.perf_counter() - t)
+  s = statistics.median(ts)
+  return {"engine": f"transformers {transformers.__version__} (torch "
+                    f"{torch.__version__}, {torch.get_num_threads()} threads)",
+          "batch": batch, "tokens_per_s": batch * FLAGS.new_tokens / s,
+          "step_ms": s / FLAGS.new_tokens * 1e3,
+          "end_to_end_tokens_per_s": batch * FLAGS.new_tokens / s,
+          "runs": [batch * FLAGS.new_tokens / x for x in ts]}
+
+
+def main(_):
+  import jax
+  from recursive_lm import api
+  from recursive_lm.nn.model import param_count
+  m = api.load(FLAGS.model)
+  weight_bytes = param_count(m.params) * 4
+  bw = measure_bandwidth()
+  print(f"memory read bandwidth: {bw['bandwidth_GBps']:.1f} GB/s "
+        f"(numpy {bw['numpy_sum_GBps']:.1f}, XLA {bw['xla_sum_GBps']:.1f}); weights "
+        f"{weight_bytes / 1e6:.0f} MB f32", flush=True)
+  rows = []
+  for b in map(int, FLAGS.batches):
+    roof = b * bw["bandwidth_GBps"] * 1e9 / weight_bytes
+    res = [bench_engine(m, b, lay) for lay in FLAGS.layouts]
+    if FLAGS.peer:
+      peer = bench_transformers(m, b)
+      if peer:
+        res.append(peer)
+    for r in res:
+      r["roofline_tokens_per_s"] = roof
+      r["fraction_of_roofline"] = r["tokens_per_s"] / roof
+      print(f"batch {b:2d} {r['engine']:55s} {r['tokens_per_s']:7.1f} tok/s "
+            f"({r['fraction_of_roofline']:.0%} of roofline {roof:.1f})", flush=True)
+      rows.append(r)
+  os.makedirs(FLAGS.out, exist_ok=True)
+  meta = {"command": "python " + " ".join(sys.argv), "model": m.cfg.name,
+          "weight_bytes": weight_bytes, "bandwidth": bw, "prompt_len": FLAGS.prompt_len,
+          "new_tokens": FLAGS.new_tokens, "runs": FLAGS.runs, "jax": jax.__version__,
+          "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+          "date": time.strftime("%Y-%m-%d %H:%M")}
+  with open(os.path.join(FLAGS.out, "bench_decode.json"), "w") as f:
+    json.dump({"meta": meta, "rows": rows}, f, indent=1)
+  lines = [f"Decode throughput, {m.cfg.name}, f32, prompt {FLAGS.prompt_len}, "
+           f"{FLAGS.new_tokens} new tokens, greedy, median of {FLAGS.runs} runs; memory "
+           f"bandwidth {bw['bandwidth_GBps']:.1f} GB/s, weights {weight_bytes / 1e6:.0f} MB.",
+           f"Made by `{meta['command']}` on {meta['date']}.", "",
+           "| batch | engine | new tokens/s | roofline tokens/s | fraction |",
+           "|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['batch']} | {r['engine']} | {r['tokens_per_s']:.1f} | "
+                 f"{r['roofline_tokens_per_s']:.1f} | {r['fraction_of_roofline']:.0%} |")
+  with open(os.path.join(FLAGS.out, "bench_decode.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  app.run(main)
