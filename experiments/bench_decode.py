@@ -56,22 +56,31 @@ def measure_bandwidth(n_bytes: int = 1 << 30, reps: int = 7) -> dict:
           "bandwidth_GBps": max(bw_np, bw_jx) / 1e9}
 
 
-def bench_engine(m, batch: int, layout: str) -> dict:
+def bench_engines(m, batch: int, layouts) -> list[dict]:
+  """Times each layout; runs are interleaved so machine noise hits all alike."""
   from recursive_lm.decode.engine import Engine
-  eng = Engine(m.cfg.replace(eos_id=None), m.params, kernel_layout=layout)
+  engines = {lay: Engine(m.cfg.replace(eos_id=None), m.params, kernel_layout=lay)
+             for lay in layouts}
   prompts = [[(17 * i + 3 * j) % 1000 + 100 for j in range(FLAGS.prompt_len)]
              for i in range(batch)]
-  eng.generate(prompts, FLAGS.new_tokens, stop_at_eos=False)  # warm-up / compile
-  step_s, total = [], []
+  for eng in engines.values():
+    eng.generate(prompts, FLAGS.new_tokens, stop_at_eos=False)  # warm-up / compile
+  step_s = {lay: [] for lay in layouts}
+  total = {lay: [] for lay in layouts}
   for _ in range(FLAGS.runs):
-    o = eng.generate(prompts, FLAGS.new_tokens, stop_at_eos=False)
-    step_s.append(o.decode_seconds / o.steps)
-    total.append(o.prefill_seconds + o.decode_seconds)
-  s = statistics.median(step_s)
-  return {"engine": f"recursive_lm ({layout})", "batch": batch,
-          "tokens_per_s": batch / s, "step_ms": s * 1e3,
-          "end_to_end_tokens_per_s": batch * FLAGS.new_tokens / statistics.median(total),
-          "runs": [batch / x for x in step_s]}
+    for lay, eng in engines.items():
+      o = eng.generate(prompts, FLAGS.new_tokens, stop_at_eos=False)
+      step_s[lay].append(o.decode_seconds / o.steps)
+      total[lay].append(o.prefill_seconds + o.decode_seconds)
+  out = []
+  for lay in layouts:
+    s = statistics.median(step_s[lay])
+    out.append({"engine": f"recursive_lm ({lay})", "batch": batch,
+                "tokens_per_s": batch / s, "step_ms": s * 1e3,
+                "end_to_end_tokens_per_s":
+                    batch * FLAGS.new_tokens / statistics.median(total[lay]),
+                "runs": [batch / x for x in step_s[lay]]})
+  return out
 
 
 def bench_transformers(m, batch: int) -> dict | None:
@@ -123,7 +132,7 @@ def main(_):
   rows = []
   for b in map(int, FLAGS.batches):
     roof = b * bw["bandwidth_GBps"] * 1e9 / weight_bytes
-    res = [bench_engine(m, b, lay) for lay in FLAGS.layouts]
+    res = bench_engines(m, b, FLAGS.layouts)
     if FLAGS.peer:
       peer = bench_transformers(m, b)
       if peer:

@@ -103,6 +103,9 @@ class ModelConfig:
   # Storage of dense kernels: "in_out" ([in, out], the default for training and
   # checkpoints) or "out_in" (used by the decode engine at small batch).
   kernel_layout: str = "in_out"
+  # Decode layout: q/k/v and gate/up stored as one concatenated kernel each
+  # (fewer, larger matmuls). Checkpoints and training use separate kernels.
+  fused_projections: bool = False
   param_dtype: str = "float32"
   # Token ids the checkpoint declares (None when unknown).
   bos_id: int | None = None

@@ -28,7 +28,8 @@ import numpy as np
 
 from recursive_lm.config import ModelConfig
 from recursive_lm.decode.sampling import SamplingConfig, sample
-from recursive_lm.nn.model import Transformer, init_cache, to_kernel_layout
+from recursive_lm.nn.model import (Transformer, fuse_projections, init_cache,
+                                   to_kernel_layout)
 
 PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
@@ -72,9 +73,12 @@ class Engine:
   """Batched generation for one model and parameter set."""
 
   def __init__(self, cfg: ModelConfig, params, eos_id: int | None = None,
-               pad_id: int | None = None, kernel_layout: str | None = None):
+               pad_id: int | None = None, kernel_layout: str | None = None,
+               fuse: bool = False):
     if kernel_layout:
       cfg, params = to_kernel_layout(cfg, params, kernel_layout)
+    if fuse:
+      cfg, params = fuse_projections(cfg, params)
     self.cfg = cfg
     self.params = params
     self.model = Transformer(cfg)

@@ -177,6 +177,29 @@ def scatter_kv(cache: Array, new: Array, slots: Array) -> Array:
   return cache.at[b, slots].set(new.astype(cache.dtype), mode="drop")
 
 
+def projections(module: nn.Module, cfg: ModelConfig, x, parts, fused_name, lora):
+  """Several projections of the same input: separate kernels, or (decode layout,
+  ``cfg.fused_projections``) one concatenated kernel whose output is split.
+  Per-target LoRA deltas are added either way."""
+  dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+  if not cfg.fused_projections:
+    return [Linear(f, ax, cfg.lora_scale, dt, pdt, cfg.kernel_layout, parent=module,
+                   name=n)(x, lora.get(n)) for n, f, ax in parts]
+  total = sum(f for _, f, _ in parts)
+  y = Linear(total, parts[0][2], 1.0, dt, pdt, cfg.kernel_layout, parent=module,
+             name=fused_name)(x)
+  outs, start = [], 0
+  for n, f, _ in parts:
+    o = y[..., start:start + f]
+    start += f
+    if lora.get(n) is not None:
+      a, b = lora[n]
+      xd = x.astype(dt)
+      o = o + ((xd @ a.astype(dt)) @ b.astype(dt)) * cfg.lora_scale
+    outs.append(o)
+  return outs
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
 
@@ -189,9 +212,10 @@ class Attention(nn.Module):
     lin = lambda feat, axes, name: Linear(feat, axes, cfg.lora_scale, dt, pdt,
                                          cfg.kernel_layout, name=name)
     b, t, _ = x.shape
-    q = lin(h * dh, (EMBED, HEADS), "q")(x, lora.get("q")).reshape(b, t, h, dh)
-    k = lin(hkv * dh, (EMBED, KV_HEADS), "k")(x, lora.get("k")).reshape(b, t, hkv, dh)
-    v = lin(hkv * dh, (EMBED, KV_HEADS), "v")(x, lora.get("v")).reshape(b, t, hkv, dh)
+    q, k, v = projections(self, cfg, x, (("q", h * dh, (EMBED, HEADS)),
+                                         ("k", hkv * dh, (EMBED, KV_HEADS)),
+                                         ("v", hkv * dh, (EMBED, KV_HEADS))), "qkv", lora)
+    q, k, v = q.reshape(b, t, h, dh), k.reshape(b, t, hkv, dh), v.reshape(b, t, hkv, dh)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     new_cache = None
     if cache is not None:
@@ -220,8 +244,8 @@ class SwiGLU(nn.Module):
     lora = lora or {}
     lin = lambda feat, axes, name: Linear(feat, axes, cfg.lora_scale, dt, pdt,
                                          cfg.kernel_layout, name=name)
-    gate = lin(cfg.d_ff, (EMBED, MLP), "gate")(x, lora.get("gate"))
-    up = lin(cfg.d_ff, (EMBED, MLP), "up")(x, lora.get("up"))
+    gate, up = projections(self, cfg, x, (("gate", cfg.d_ff, (EMBED, MLP)),
+                                          ("up", cfg.d_ff, (EMBED, MLP))), "gate_up", lora)
     return lin(cfg.d_model, (MLP, EMBED), "down")(jax.nn.silu(gate) * up, lora.get("down"))
 
 

@@ -218,5 +218,26 @@ def to_kernel_layout(cfg: ModelConfig, params, layout: str):
           jax.tree_util.tree_map_with_path(fix, params))
 
 
+def fuse_projections(cfg: ModelConfig, params):
+  """(cfg, params) with q/k/v and gate/up kernels concatenated (decode layout)."""
+  if cfg.fused_projections:
+    return cfg, params
+  axis = 1 if cfg.kernel_layout == "in_out" else 0
+
+  def walk(tree):
+    if not isinstance(tree, dict):
+      return tree
+    if "attn" in tree and "mlp" in tree and "q" in tree["attn"]:
+      attn, mlp = dict(tree["attn"]), dict(tree["mlp"])
+      cat = lambda names, d: {"kernel": jnp.concatenate(
+          [d.pop(n)["kernel"] for n in names], axis=axis)}
+      attn["qkv"] = cat(("q", "k", "v"), attn)
+      mlp["gate_up"] = cat(("gate", "up"), mlp)
+      return {**tree, "attn": attn, "mlp": mlp}
+    return {k: walk(v) for k, v in tree.items()}
+
+  return cfg.replace(fused_projections=True), walk(params)
+
+
 def param_count(params) -> int:
   return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
