@@ -28,7 +28,8 @@ flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
 flags.DEFINE_integer("prompt_len", 32, "Prompt tokens.")
 flags.DEFINE_integer("new_tokens", 128, "New tokens.")
 flags.DEFINE_integer("runs", 5, "Timed runs per setting (median reported).")
-flags.DEFINE_list("layouts", ["in_out", "out_in"], "Engine kernel layouts to try.")
+flags.DEFINE_list("layouts", ["in_out", "out_in", "in_out+fused", "out_in+fused"],
+                  "Engine kernel layouts to try (+fused: concatenated q/k/v, gate/up).")
 flags.DEFINE_bool("peer", True, "Also time transformers if installed.")
 flags.DEFINE_string("out", "results", "Output folder.")
 
@@ -59,7 +60,8 @@ def measure_bandwidth(n_bytes: int = 1 << 30, reps: int = 7) -> dict:
 def bench_engines(m, batch: int, layouts) -> list[dict]:
   """Times each layout; runs are interleaved so machine noise hits all alike."""
   from recursive_lm.decode.engine import Engine
-  engines = {lay: Engine(m.cfg.replace(eos_id=None), m.params, kernel_layout=lay)
+  engines = {lay: Engine(m.cfg.replace(eos_id=None), m.params,
+                        kernel_layout=lay.split("+")[0], fuse=lay.endswith("+fused"))
              for lay in layouts}
   prompts = [[(17 * i + 3 * j) % 1000 + 100 for j in range(FLAGS.prompt_len)]
              for i in range(batch)]

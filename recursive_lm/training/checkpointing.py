@@ -1,0 +1,396 @@
+"""Training checkpoints (orbax): TrainState + grain data iterator + JSON meta.
+
+One step directory per save, written by ``ocp.CheckpointManager``::
+
+    <directory>/<step>/state/   TrainState (params, opt_state, step, rng) as
+                                an OCDBT pytree; the typed PRNG key is stored
+                                as its raw ``key_data``
+    <directory>/<step>/data/    grain iterator position, one JSON per process
+    <directory>/<step>/meta/    JSON: model config, run facts (e.g. teacher ppl)
+
+Atomicity: orbax writes every step into ``<step>.orbax-checkpoint-tmp`` and
+renames it to ``<step>`` only after all items are committed (on local and
+POSIX file systems; ``AtomicRenameTemporaryPath``; object stores use a commit
+file instead). A process killed mid-save leaves only the tmp directory, which
+``latest_step`` ignores and the next ``Checkpointer`` deletes
+(``cleanup_tmp_directories``). ``tests/test_trainer.py`` checks this by
+SIGKILLing a run while it saves.
+
+Failure policy (chosen: **clear error, no automatic fallback**). ``restore()``
+tries the latest step only. When it is unreadable (truncated/garbage files)
+it raises ``CheckpointCorruptError`` naming the step directory, the problem,
+the other available steps and the fix (``restore(step=k)``, or move the broken
+step aside and rerun, e.g. ``mv <dir>/8 <dir>/8.broken``; names that are not
+integers are not steps). When the checkpoint was written by another model
+config (different param names/shapes) it raises
+``CheckpointIncompatibleError`` listing the differences. Earlier steps are
+never touched by a failed restore. A silent fallback was rejected because an
+incompatible config would fail on every step and a corrupt latest step usually
+needs a human look (disk problem, concurrent writer).
+
+Preemption: ``PreemptionGuard`` installs a SIGTERM handler that only sets a
+flag; the training loop polls ``guard.requested`` after each step, saves with
+``force=True`` and exits cleanly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import threading
+from typing import Any
+
+import flax.serialization
+import jax
+import numpy as np
+from absl import logging
+
+import grain
+import orbax.checkpoint as ocp
+
+_STATE, _DATA, _META = "state", "data", "meta"
+_MAX_LISTED = 8
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint cannot be written or restored."""
+
+
+class CheckpointCorruptError(CheckpointError):
+  """A step directory exists but cannot be read (truncated/garbage files)."""
+
+
+class CheckpointIncompatibleError(CheckpointError):
+  """A readable checkpoint that was written for another model/config."""
+
+
+@dataclasses.dataclass
+class Restored:
+  """What ``Checkpointer.restore`` returns."""
+  step: int
+  state: Any
+  meta: dict
+  data_iterator: Any
+
+
+# --------------------------------------------------------------------------- #
+# PRNG keys <-> raw data (orbax stores plain arrays).
+def _is_key(x) -> bool:
+  return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _key_impl(x):
+  if isinstance(x, jax.Array):
+    return jax.random.key_impl(x)
+  box = []
+  jax.eval_shape(lambda k: box.append(jax.random.key_impl(k)) or 0, x)
+  return box[0]
+
+
+def _to_saveable(state: Any) -> dict:
+  state = jax.tree_util.tree_map(
+      lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
+  return flax.serialization.to_state_dict(state)
+
+
+def _abstract(x) -> jax.ShapeDtypeStruct:
+  if _is_key(x):
+    data = jax.eval_shape(jax.random.key_data, x)
+    return jax.ShapeDtypeStruct(data.shape, data.dtype,
+                                sharding=getattr(x, "sharding", None))
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+
+def _flat(tree: Any, is_leaf=None) -> dict[str, Any]:
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+  return {"/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                   for k in path): leaf for path, leaf in flat}
+
+
+def _short(items: list[str]) -> str:
+  more = len(items) - _MAX_LISTED
+  return ", ".join(items[:_MAX_LISTED]) + (f", ... (+{more} more)" if more > 0 else "")
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0][:400] if text else ''}"
+
+
+class Checkpointer:
+  """Saves/restores a run's TrainState + data iterator every N steps, keeps K.
+
+  Usage::
+
+    ckpt = Checkpointer(workdir / "checkpoints", save_every=50, keep=3)
+    if ckpt.latest_step() is not None:
+      r = ckpt.restore(target=state, data_iterator=train_iter)
+      state, train_iter = r.state, r.data_iterator
+    ...
+    ckpt.maybe_save(step, state, train_iter, meta={...})
+    ckpt.close()   # waits for async writes
+
+  Args:
+    directory: where step directories live (created if missing).
+    save_every: ``should_save(step)`` is true every ``save_every`` steps
+      (None/0: only forced saves).
+    keep: how many of the latest steps to keep (older ones are deleted after a
+      successful save).
+    async_save: write in a background thread; the device->host copy happens
+      before ``save`` returns, so the caller may donate/overwrite the state.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, save_every: int | None = None,
+               keep: int = 3, async_save: bool = True):
+    if keep is not None and keep < 1:
+      raise ValueError(f"keep must be >= 1 (number of checkpoints to keep), got {keep}")
+    self.directory = os.path.abspath(os.fspath(directory))
+    self.save_every = save_every or 0
+    self.async_save = bool(async_save)
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
+        create=True)
+    self._mngr = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={_STATE: ocp.StandardCheckpointHandler(),
+                       _DATA: grain.checkpoint.CheckpointHandler(),
+                       _META: ocp.JsonCheckpointHandler()})
+
+  # -- queries ---------------------------------------------------------------
+  def all_steps(self) -> list[int]:
+    """Committed steps, ascending (tmp directories of unfinished saves excluded)."""
+    return sorted(int(s) for s in self._mngr.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def should_save(self, step: int) -> bool:
+    return bool(self.save_every) and step > 0 and step % self.save_every == 0
+
+  # -- save ------------------------------------------------------------------
+  def save(self, step: int, state: Any, data_iterator: Any = None,
+           meta: dict | None = None) -> bool:
+    """Writes step ``step`` (no-op returning False if it already exists)."""
+    step = int(step)
+    if step in self._mngr.all_steps():
+      return False
+    items = {_STATE: ocp.args.StandardSave(_to_saveable(state)),
+             _META: ocp.args.JsonSave(dict(meta or {}, step=step))}
+    if data_iterator is not None:
+      items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+    saved = self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    logging.info("checkpoint: saving step %d to %s (%s)", step, self.step_dir(step),
+                 "async" if self.async_save else "sync")
+    return bool(saved)
+
+  def maybe_save(self, step: int, state: Any, data_iterator: Any = None,
+                 meta: dict | None = None, force: bool = False) -> bool:
+    if force or self.should_save(step):
+      return self.save(step, state, data_iterator, meta)
+    return False
+
+  def wait(self) -> None:
+    """Blocks until pending async saves are committed (raises their errors)."""
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  # -- restore ---------------------------------------------------------------
+  def read_meta(self, step: int) -> dict:
+    """The JSON meta of ``step`` (``CheckpointCorruptError`` if unreadable)."""
+    try:
+      out = self._mngr.restore(step, args=ocp.args.Composite(
+          **{_META: ocp.args.JsonRestore()}))
+      return dict(out[_META] or {})
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._corrupt(step, e) from e
+
+  def restore(self, target: Any, data_iterator: Any = None, step: int | None = None,
+              expect_meta: dict | None = None) -> Restored:
+    """Restores ``step`` (default: the latest) into the structure of ``target``.
+
+    Args:
+      target: a TrainState (or any pytree) of arrays or ``ShapeDtypeStruct``s
+        carrying the wanted shardings; typed PRNG keys are handled.
+      data_iterator: a fresh grain iterator of the same pipeline; it is moved
+        to the saved position (in place) and returned as ``data_iterator``.
+      step: which step; None means the latest.
+      expect_meta: entries that must equal the saved meta (e.g. the model
+        config dict); differences raise ``CheckpointIncompatibleError``.
+
+    Raises:
+      FileNotFoundError: there is no checkpoint (or not that step).
+      CheckpointIncompatibleError: written for another config (names/shapes).
+      CheckpointCorruptError: unreadable files; lists the other steps.
+    """
+    steps = self.all_steps()
+    if step is None:
+      if not steps:
+        raise FileNotFoundError(f"no checkpoints in {self.directory}")
+      step = steps[-1]
+    elif step not in steps:
+      raise FileNotFoundError(
+          f"no checkpoint for step {step} in {self.directory}; available steps: "
+          f"{steps or 'none'}")
+    meta = self.read_meta(step)
+    self._check_meta(step, meta, expect_meta or {})
+    saveable = jax.tree_util.tree_map(_abstract, target)
+    saveable = flax.serialization.to_state_dict(saveable)
+    self._check_shapes(step, saveable)
+    items = {_STATE: ocp.args.StandardRestore(saveable)}
+    if data_iterator is not None:
+      if not os.path.isdir(os.path.join(self.step_dir(step), _DATA)):
+        raise self._corrupt(step, FileNotFoundError(
+            "the data-iterator item 'data' is missing"))
+      items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+    try:
+      out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._corrupt(step, e) from e
+    restored = out[_STATE]
+
+    def unwrap(tmpl, x):
+      if _is_key(tmpl):
+        return jax.random.wrap_key_data(x, impl=_key_impl(tmpl))
+      return x
+
+    state = flax.serialization.from_state_dict(target, restored)
+    state = jax.tree_util.tree_map(unwrap, target, state)
+    logging.info("checkpoint: restored step %d from %s", step, self.step_dir(step))
+    return Restored(step=step, state=state, meta=meta,
+                    data_iterator=out[_DATA] if data_iterator is not None else None)
+
+  # -- errors ----------------------------------------------------------------
+  def _others_hint(self, step: int) -> str:
+    others = [s for s in self.all_steps() if s != step]
+    if not others:
+      return (f"No other checkpoints are available in {self.directory}; remove "
+              f"{self.step_dir(step)} to start from scratch, or use another workdir.")
+    prev = max((s for s in others if s < step), default=max(others))
+    return (f"Other checkpoints available in {self.directory}: steps {others}. To "
+            f"resume from step {prev}, move the broken one aside (`mv "
+            f"{self.step_dir(step)} {self.step_dir(step)}.broken`) and rerun, or "
+            f"call restore(step={prev}).")
+
+  def _corrupt(self, step: int, e: BaseException) -> CheckpointCorruptError:
+    return CheckpointCorruptError(
+        f"checkpoint {self.step_dir(step)} (step {step}) is unreadable/corrupt: "
+        f"{_first_line(e)}\n{self._others_hint(step)}")
+
+  def _incompatible(self, step: int, problems: list[str]) -> CheckpointIncompatibleError:
+    return CheckpointIncompatibleError(
+        f"checkpoint {self.step_dir(step)} (step {step}) does not fit this run "
+        f"(it was written for a different model/config):\n  "
+        + "\n  ".join(problems[:_MAX_LISTED])
+        + (f"\n  ... (+{len(problems) - _MAX_LISTED} more)"
+           if len(problems) > _MAX_LISTED else "")
+        + f"\nUse a fresh workdir for this config, or rerun with the config that "
+        f"wrote {self.directory} (its settings are in the 'meta' item).")
+
+  def _check_meta(self, step: int, meta: dict, expect: dict) -> None:
+    problems = []
+    expect = json.loads(json.dumps(expect))  # tuples -> lists, as saved
+    for key, want in expect.items():
+      if key not in meta:
+        continue
+      got = meta[key]
+      if isinstance(want, dict) and isinstance(got, dict):
+        diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+        problems += [f"{key}.{k}: checkpoint has {got.get(k)!r}, this run has "
+                     f"{want.get(k)!r}" for k in diff]
+      elif got != want:
+        problems.append(f"{key}: checkpoint has {got!r}, this run has {want!r}")
+    if problems:
+      raise self._incompatible(step, problems)
+
+  def _check_shapes(self, step: int, saveable: dict) -> None:
+    try:
+      md = self._mngr.item_metadata(step)[_STATE]
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._corrupt(step, e) from e
+    if md is None:
+      raise self._corrupt(step, FileNotFoundError("the state item is missing"))
+    tree = getattr(md, "tree", md)
+    got = {k: tuple(v.shape) for k, v in _flat(
+        tree, is_leaf=lambda x: hasattr(x, "shape")).items() if hasattr(v, "shape")}
+    want = {k: tuple(v.shape) for k, v in _flat(saveable).items()}
+    def order(keys):  # params first: the most telling names
+      return sorted(keys, key=lambda k: (not k.startswith("params"), k))
+    problems = [f"{k}: checkpoint shape {got[k]}, expected {want[k]}"
+                for k in order(want) if k in got and got[k] != want[k]]
+    missing = order(k for k in want if k not in got)
+    extra = order(k for k in got if k not in want)
+    if missing:
+      problems.append(f"{len(missing)} arrays missing from the checkpoint: "
+                      f"{_short(missing)}")
+    if extra:
+      problems.append(f"{len(extra)} unexpected arrays in the checkpoint: "
+                      f"{_short(extra)}")
+    if problems:
+      raise self._incompatible(step, problems)
+
+
+# --------------------------------------------------------------------------- #
+class PreemptionGuard:
+  """Context manager: SIGTERM sets a flag instead of killing the process.
+
+  The loop checks ``requested`` after each step, saves and exits. The previous
+  handler is restored on exit. Outside the main thread (where Python cannot
+  install signal handlers) the guard is inert and logs a warning. With several
+  processes ``requested`` is true when any process got the signal (one tiny
+  all-gather per call), so all hosts stop at the same step.
+  """
+
+  def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+    self.signals = signals
+    self._flag = False
+    self._previous: dict[int, Any] = {}
+
+  def _handler(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning("received signal %d: will save a checkpoint after the current "
+                    "step and exit", signum)
+    self._flag = True
+
+  def trigger(self) -> None:
+    """Requests a stop as if a signal had arrived (for callers and tests)."""
+    self._flag = True
+
+  @property
+  def requested(self) -> bool:
+    if jax.process_count() == 1:
+      return self._flag
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.asarray(self._flag, np.int32))
+    return bool(np.any(flags))
+
+  def __enter__(self) -> "PreemptionGuard":
+    if threading.current_thread() is not threading.main_thread():
+      logging.warning("PreemptionGuard: not in the main thread; SIGTERM will not "
+                      "trigger a clean save")
+      return self
+    for s in self.signals:
+      self._previous[s] = signal.signal(s, self._handler)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for s, prev in self._previous.items():
+      signal.signal(s, prev)
+    self._previous.clear()
+
+
+__all__ = ["CheckpointError", "CheckpointCorruptError", "CheckpointIncompatibleError",
+           "Checkpointer", "PreemptionGuard", "Restored"]
