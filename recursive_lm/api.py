@@ -21,7 +21,12 @@ class LoadedModel:
   tokenizer: Any
   source: str
 
-  def engine(self) -> Engine:
+  def engine(self, batch: int | None = None) -> Engine:
+    """An engine in the fastest measured layout for ``batch`` rows of decoding
+    (results/bench_decode.md: [out, in] fused kernels at batch 1, the training
+    layout otherwise); ``None`` keeps the training layout (scoring)."""
+    if batch == 1:
+      return Engine(self.cfg, self.params, kernel_layout="out_in", fuse=True)
     return Engine(self.cfg, self.params)
 
 
@@ -47,7 +52,7 @@ def generate(model: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 6
   if chat:
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
   ids = [tok.encode(p) for p in prompts]
-  engine = engine or model.engine()
+  engine = engine or model.engine(len(ids))
   out = engine.generate(ids, max_new_tokens, sampling=sampling, seed=seed)
   texts = [tok.decode([t for t in row if t != engine.eos_id], skip_special_tokens=False)
            for row in out.tokens]

@@ -59,7 +59,7 @@ def cmd_generate():
   sampling = SamplingConfig(greedy=FLAGS.greedy, temperature=FLAGS.temperature,
                             top_k=FLAGS.top_k, top_p=FLAGS.top_p)
   m = _load()
-  eng = m.engine()
+  eng = m.engine(len(prompts))
   _log("compiling ...")
   texts, out = api.generate(m, prompts, FLAGS.max_new_tokens, sampling, FLAGS.seed,
                             FLAGS.chat, engine=eng)
