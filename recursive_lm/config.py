@@ -80,6 +80,92 @@ class RopeConfig:
           "linear, dynamic, llama3, yarn")
 
 
+
+ROUTER_KINDS = ("expert", "token")
+ROUTER_TYPES = ("linear", "mlp")
+ROUTER_GATES = ("sigmoid", "tanh", "identity", "softmax")
+ROUTER_GATING = ("residual", "additive", "delta")
+ROUTER_KV = ("recursion", "share_first", "hybrid")
+ROUTER_IMPLS = ("gather", "dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig:
+  """Mixture-of-Recursions routing over the shared block (``recursive_lm.mor``).
+
+  kind: "expert" (each recursion picks the top-k of the previous recursion's
+    tokens; capacities ``capacities[r] * T``) or "token" (one router picks each
+    token's depth once, at the input of the first recursion).
+  router_type: "linear" (bias-free, N(0, 0.02)) or "mlp" (hidden 2d, GELU).
+  gate: expert g = alpha * {sigmoid, tanh, identity}(z / temperature);
+    token g = alpha * {softmax, sigmoid}(z / temperature) over the N depths.
+  gating: "residual" (paper Eq. 2.1: h + g * F(h), F includes the block's own
+    residual), "additive" (h + F(h), no gate) or "delta" (MoD-style
+    h + g * (F(h) - h)).
+  kv: "recursion" (a depth's attention sees only the tokens routed to that
+    depth), "share_first" (deeper recursions read the first recursion's KV)
+    or "hybrid" (first-recursion KV overwritten by the active tokens' fresh KV).
+  impl: "gather" (top-k tokens gathered at static capacities, Python loop over
+    recursions) or "dense" (every token runs every recursion under masks,
+    ``nn.scan``); both compute the same function.
+  aux_loss: weight of the expert BCE on the main router's logits (0.001).
+  aux_router: also train a router on detached states (used at decode when
+    ``decode_with_aux_router``).
+  z_loss / balance_loss: router z-loss, token-choice balancing loss.
+  loss_free_bias: token-choice selection bias updated by the sign rule with
+    step ``bias_update_rate`` after each optimizer step.
+  decode_thresholds: causal expert decisions z > threshold per recursion
+    (default 0, i.e. sigmoid(z) > 0.5); a recursion of capacity 1 takes all
+    candidates, as in training.
+  """
+  kind: str = "expert"
+  router_type: str = "linear"
+  gate: str = "sigmoid"
+  alpha: float = 0.1
+  temperature: float = 1.0
+  capacities: tuple[float, ...] | None = None
+  gating: str = "residual"
+  kv: str = "recursion"
+  impl: str = "gather"
+  aux_loss: float = 0.001
+  aux_router: bool = False
+  aux_router_loss: float = 1.0
+  z_loss: float = 0.0
+  balance_loss: float = 0.1
+  loss_free_bias: bool = False
+  bias_update_rate: float = 1e-3
+  decode_thresholds: tuple[float, ...] | None = None
+  decode_with_aux_router: bool = False
+
+  def __post_init__(self):
+    for name, ok in (("kind", ROUTER_KINDS), ("router_type", ROUTER_TYPES),
+                     ("gate", ROUTER_GATES), ("gating", ROUTER_GATING),
+                     ("kv", ROUTER_KV), ("impl", ROUTER_IMPLS)):
+      if getattr(self, name) not in ok:
+        raise ConfigError(f"RouterConfig.{name}={getattr(self, name)!r}; choose from {ok}")
+    if self.kind == "expert" and self.gate == "softmax":
+      raise ConfigError("expert-choice routers score one logit per token; use gate "
+                        "sigmoid, tanh or identity (softmax is for token-choice)")
+    if self.kind == "token" and self.gate not in ("softmax", "sigmoid"):
+      raise ConfigError("token-choice gate must be 'softmax' or 'sigmoid'")
+    if self.capacities is not None:
+      object.__setattr__(self, "capacities", tuple(float(c) for c in self.capacities))
+      caps = self.capacities
+      if any(not 0 < c <= 1 for c in caps) or any(a < b for a, b in zip(caps, caps[1:])):
+        raise ConfigError(f"capacities must be in (0, 1] and non-increasing, got {caps}")
+    if self.decode_thresholds is not None:
+      object.__setattr__(self, "decode_thresholds",
+                         tuple(float(c) for c in self.decode_thresholds))
+    if self.temperature <= 0:
+      raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+
+  def capacity_schedule(self, loops: int) -> tuple[float, ...]:
+    """cap_r for r = 1..loops; default (N_r - r + 1) / N_r."""
+    if self.capacities is not None:
+      return self.capacities
+    return tuple((loops - r) / loops for r in range(loops))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vocab_size: int
@@ -112,6 +198,8 @@ class ModelConfig:
   eos_id: int | None = None
   pad_id: int | None = None
   name: str = "llama"
+  # Mixture-of-Recursions router over the shared block (None: no routing).
+  router: RouterConfig | None = None
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -132,6 +220,12 @@ class ModelConfig:
         raise ConfigError(f"unknown LoRA target {t!r}; choose from {LORA_TARGETS}")
       if r < 0:
         raise ConfigError(f"LoRA rank for {t!r} must be >= 0, got {r}")
+    if self.router is not None:
+      n = self.plan.loops
+      for name in ("capacities", "decode_thresholds"):
+        v = getattr(self.router, name)
+        if v is not None and len(v) != n:
+          raise ConfigError(f"router.{name} has {len(v)} entries; the plan has {n} loops")
 
   @property
   def n_layers(self) -> int:
@@ -153,6 +247,8 @@ class ModelConfig:
     d["plan"] = DepthPlan(**d["plan"])
     d["rope"] = RopeConfig(**d["rope"])
     d["lora_ranks"] = tuple(tuple(x) for x in d.get("lora_ranks", ()))
+    if d.get("router") is not None:
+      d["router"] = RouterConfig(**d["router"])
     return cls(**d)
 
   # --- Hugging Face config.json ---------------------------------------------

@@ -204,7 +204,12 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, cache=None, write_slots=None, lora=None):
+  def __call__(self, x, cos, sin, mask, cache=None, write_slots=None, lora=None,
+               kv_hook=None, return_kv=False):
+    """``kv_hook`` (sequence mode, optional): maps this call's post-RoPE (k, v)
+    to the (k, v) attended to, e.g. another recursion's keys (MoR KV sharing);
+    ``mask`` must then match the hook's key length. ``return_kv``: return the
+    attended (k, v) in place of the (absent) cache in sequence mode."""
     cfg = self.cfg
     dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     h, hkv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -223,6 +228,10 @@ class Attention(nn.Module):
       ck, cv = scatter_kv(ck, k, write_slots), scatter_kv(cv, v, write_slots)
       new_cache = (ck, cv)
       k, v = ck.astype(dt), cv.astype(dt)
+    elif kv_hook is not None:
+      k, v = kv_hook(k, v)
+    if return_kv and cache is None:
+      new_cache = (k, v)
     g = h // hkv
     q = q.reshape(b, t, hkv, g, dh)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
@@ -254,13 +263,14 @@ class DecoderLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, h, cos, sin, mask, cache=None, write_slots=None, lora=None):
+  def __call__(self, h, cos, sin, mask, cache=None, write_slots=None, lora=None,
+               kv_hook=None, return_kv=False):
     cfg = self.cfg
     dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     lora = lora or {}
     a, new_cache = Attention(cfg, name="attn")(
         RMSNorm(cfg.norm_eps, dt, pdt, name="attn_norm")(h), cos, sin, mask,
-        cache, write_slots, lora)
+        cache, write_slots, lora, kv_hook, return_kv)
     h = h + a.astype(h.dtype)
     m = SwiGLU(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dt, pdt, name="mlp_norm")(h), lora)
     return h + m.astype(h.dtype), new_cache

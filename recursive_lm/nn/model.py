@@ -122,7 +122,13 @@ class Transformer(nn.Module):
             nn.initializers.normal(0.02), (L.VOCAB, L.EMBED)))
     self.prelude = [L.DecoderLayer(cfg, name=f"prelude_{i}")
                     for i in range(cfg.plan.prelude)]
-    self.block = _scanned_block(cfg, "block")
+    if cfg.router is not None:  # Mixture-of-Recursions (recursive_lm.mor)
+      from recursive_lm.mor import block as mor_block  # pylint: disable=g-import-not-at-top
+      from recursive_lm.mor.routers import RouterBank  # pylint: disable=g-import-not-at-top
+      self.block = mor_block.make_block(cfg, "block")
+      self.router = RouterBank(cfg)
+    else:
+      self.block = _scanned_block(cfg, "block")
     self.coda = [L.DecoderLayer(cfg, name=f"coda_{i}") for i in range(cfg.plan.coda)]
     self.final_norm = L.RMSNorm(cfg.norm_eps, dt, pdt)
     if not cfg.tie_embeddings:
@@ -143,6 +149,11 @@ class Transformer(nn.Module):
 
   def layers(self, h, positions, segment_ids=None, cache=None, write_slots=None,
              loop_mask=None, collect_loop_states=False):
+    return self._layers(h, positions, segment_ids, cache, write_slots, loop_mask,
+                        collect_loop_states)[:3]
+
+  def _layers(self, h, positions, segment_ids=None, cache=None, write_slots=None,
+              loop_mask=None, collect_loop_states=False, routing=None):
     """Runs prelude, loops and coda. Returns (h, new_cache, loop_states)."""
     cfg = self.cfg
     cos, sin = L.rope_cos_sin(cfg.rope, cfg.head_dim, positions)
@@ -154,29 +165,45 @@ class Transformer(nn.Module):
       h, c = layer(h, cos, sin, mask, cache["prelude"][i] if cache_mode else None,
                    write_slots)
       new["prelude"].append(c)
-    lora = self.lora() if cfg.lora else None
-    carry = (h, cache["block"] if cache_mode else None, jnp.zeros((), jnp.int32))
-    (h, block_cache, _), states = self.block(carry, (lora, loop_mask), cos, sin, mask,
-                                       write_slots)
+    router_out = None
+    if cfg.router is not None:
+      if collect_loop_states:
+        raise ValueError("collect_loop_states is not supported with a MoR router")
+      from recursive_lm.mor import block as mor_block  # pylint: disable=g-import-not-at-top
+      h, block_cache, valid, router_out = mor_block.run(
+          self, h, positions, segment_ids, cos, sin, mask, cache, write_slots,
+          loop_mask, routing)
+      states = None
+      if cache_mode:
+        new["block_valid"] = valid
+    else:
+      lora = self.lora() if cfg.lora else None
+      carry = (h, cache["block"] if cache_mode else None, jnp.zeros((), jnp.int32))
+      (h, block_cache, _), states = self.block(carry, (lora, loop_mask), cos, sin,
+                                               mask, write_slots)
     new["block"] = block_cache
     for i, layer in enumerate(self.coda):
       h, c = layer(h, cos, sin, mask, cache["coda"][i] if cache_mode else None,
                    write_slots)
       new["coda"].append(c)
-    return h, (new if cache_mode else None), (states if collect_loop_states else None)
+    return (h, (new if cache_mode else None),
+            (states if collect_loop_states else None), router_out)
 
   def __call__(self, tokens, positions=None, segment_ids=None, cache=None,
                write_slots=None, loop_mask=None, collect_loop_states=False,
-               return_hidden=False):
+               return_hidden=False, routing=None):
     b, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if cache is not None and write_slots is None:
       write_slots = positions
     h = self.embed_tokens(tokens)
-    h, new_cache, states = self.layers(h, positions, segment_ids, cache, write_slots,
-                                       loop_mask, collect_loop_states)
+    h, new_cache, states, router_out = self._layers(
+        h, positions, segment_ids, cache, write_slots, loop_mask, collect_loop_states,
+        routing)
     out: dict[str, Any] = {"logits": self.head(h)}
+    if router_out is not None:
+      out["router"] = router_out
     if cache is not None:
       out["cache"] = new_cache
     if collect_loop_states:
@@ -191,11 +218,14 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
   dtype = jnp.dtype(dtype or cfg.dtype)
   shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
   z = lambda *lead: jnp.zeros(lead + shape, dtype)
-  return {
+  cache = {
       "prelude": [(z(), z()) for _ in range(cfg.plan.prelude)],
       "block": [(z(cfg.plan.loops), z(cfg.plan.loops)) for _ in range(cfg.plan.block)],
       "coda": [(z(), z()) for _ in range(cfg.plan.coda)],
   }
+  if cfg.router is not None:  # MoR: which slots hold a key at each recursion
+    cache["block_valid"] = jnp.zeros((cfg.plan.loops, batch, length), bool)
+  return cache
 
 
 def init_params(cfg: ModelConfig, seed: int = 0, seq_len: int = 8):
