@@ -1,0 +1,211 @@
+"""CALM decoding step with per-row exits, batched, static shapes (spec §2.2.3, §5.3).
+
+Exits ``e_0 < e_1 < ... < e_{n-1} = L`` split the depth into segments
+``[e_{i-1}, e_i)``. One decode step:
+
+* a ``lax.while_loop`` over segments, one compiled branch per segment
+  (``lax.switch``), continuing while any active row is undecided. Each
+  iteration runs the segment's layers on every row (masked compute: rows that
+  already exited keep their state and write no KV there), evaluates the exit
+  head and confidence, and decides per row (``rule="per_row"``) or for the
+  whole batch once its least confident undecided member is confident
+  (``rule="batch_min"``, CALM's original rule);
+* rows that exited earlier get the segment's missing KV filled from their
+  *exit-layer* state in the same iteration (fixes CALM's defect §4.2-iii, which
+  propagated the first segment's state), and after the loop a second
+  ``lax.switch`` fills the segments no row reached.
+
+How skipped layers get their KV (``kv``):
+
+* ``"propagate"``: CALM state copying: K/V of each skipped layer projected
+  from the exit-layer state (``depth.propagate_kv``; no attention, no MLP).
+* ``"first_loop"``: recursive KV sharing, for models trained to read the first
+  loop's KV in deeper loops: a skipped block layer ``k`` of loop ``n >= 1``
+  gets a copy of the same token's loop-0 KV of layer ``k`` (already computed,
+  since every exit lies after loop 0). Skipped layers with no loop-0
+  counterpart (coda; block layers of loop 0 itself when an exit lies inside
+  loop 0) fall back to ``"propagate"``.
+
+Oracle modes for analysis (they run the full depth for every row):
+
+* ``oracle="cache"``: exit decisions by confidence as usual, but the KV of
+  every layer is the real one (CALM ``oracle_cache``);
+* ``oracle="tokens"``: exit at the first exit whose argmax equals the full
+  model's (CALM ``oracle_tok_consistency``), real KV.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from recursive_lm.config import ModelConfig
+from recursive_lm.decode import depth as D
+from recursive_lm.nn import layers as L
+
+Array = jax.Array
+RULES = ("per_row", "batch_min")
+KV_POLICIES = ("propagate", "first_loop")
+ORACLES = (None, "cache", "tokens")
+
+# conf(i, h [B, D], logits [B, V], prev_h, prev_logits) -> [B] float32
+ConfFn = Callable[[int, Array, Array, Array, Array], Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class CalmSpec:
+  exits: tuple[int, ...]          # increasing unrolled layer counts, last == L
+  rule: str = "per_row"
+  kv: str = "propagate"
+  oracle: str | None = None
+
+
+def _copy_first_loop(cache, k: int, n: int, pos: Array, slots: Array):
+  """Block layer k, loop n <- loop 0's K/V of the same token (per-row slots)."""
+  ck, cv = cache["block"][k]
+  s = ck.shape[2]
+  rows = jnp.arange(ck.shape[1])
+  src = jnp.clip(pos, 0, s - 1)
+  new = {g: list(v) for g, v in cache.items()}
+  new["block"][k] = (ck.at[n].set(L.scatter_kv(ck[n], ck[0, rows, src][:, None], slots)),
+                     cv.at[n].set(L.scatter_kv(cv[n], cv[0, rows, src][:, None], slots)))
+  return new
+
+
+def fill_skipped(cfg: ModelConfig, params, kv: str, start: int, end: int, h: Array,
+                 pos: Array, cache, slots: Array, exit_layer: Array):
+  """KV of layers [start, end) for tokens that exited at ``exit_layer`` [B] with
+  state h [B, 1, D]; rows with out-of-range ``slots`` [B, 1] write nothing."""
+  s = cache["block"][0][0].shape[2]
+  if kv == "propagate":
+    return D.propagate_kv(cfg, params, start, end, h, pos[:, None], cache, slots)
+  units = cfg.plan.unrolled()
+  for i in range(start, end):
+    group, k, n = units[i]
+    if group == "block" and n > 0:
+      copy_ok = (exit_layer > cfg.plan.prelude + k)[:, None]  # loop-0 layer k was run
+      cache = _copy_first_loop(cache, k, n, pos, jnp.where(copy_ok, slots, s))
+      cache = D.propagate_kv(cfg, params, i, i + 1, h, pos[:, None], cache,
+                             jnp.where(copy_ok, s, slots))
+    else:
+      cache = D.propagate_kv(cfg, params, i, i + 1, h, pos[:, None], cache, slots)
+  return cache
+
+
+def _record(confs: Array, i, c: Array, mask: Array) -> Array:
+  hit = (jnp.arange(confs.shape[1]) == i)[None] & mask[:, None]
+  return jnp.where(hit, c[:, None], confs)
+
+
+def calm_step(cfg: ModelConfig, params, spec: CalmSpec, conf: ConfFn, cache,
+              tok: Array, pos: Array, active: Array, thr: Array, state=None):
+  """One CALM decode step. tok, pos, active, thr: [B].
+
+  Returns (logits [B, V], exit index [B], exit confidences [B, n] (NaN where
+  not checked; the last exit is never checked), cache, state (unused, None),
+  stats dict of int32 scalars).
+  """
+  if spec.oracle is not None:
+    return _oracle_step(cfg, params, spec, conf, cache, tok, pos, active, thr)
+  exits = spec.exits
+  n = len(exits)
+  starts = (0,) + exits[:-1]
+  s = cache["block"][0][0].shape[2]
+  h0 = D.embed(cfg, params, tok[:, None])
+  b = tok.shape[0]
+  logits0 = jnp.zeros((b, cfg.vocab_size), jnp.dtype(cfg.dtype))
+  exit_layer0 = jnp.full((b,), cfg.plan.effective_depth, jnp.int32)
+  exit_tab = jnp.asarray(exits, jnp.int32)
+
+  def segment(i):
+    def run(h, cache, und, dec, exit_layer):
+      h_new, cache = D.run_layers(cfg, params, starts[i], exits[i], h, pos[:, None], cache,
+                                  jnp.where(und, pos, s)[:, None])
+      cache = fill_skipped(cfg, params, spec.kv, starts[i], exits[i], h, pos, cache,
+                           jnp.where(dec, pos, s)[:, None], exit_layer)
+      return h_new, cache
+    return run
+
+  branches = [segment(i) for i in range(n)]
+
+  def cond(c):
+    seg, und = c[0], c[3]
+    return (seg < n) & jnp.any(und)
+
+  def body(c):
+    seg, h, cache, und, sel, idx, confs, prev_h, prev_logits = c
+    dec = active & ~und
+    exit_layer = jnp.where(dec, exit_tab[jnp.clip(idx, 0, n - 1)], exit_layer0)
+    h_new, cache = jax.lax.switch(seg, branches, h, cache, und, dec, exit_layer)
+    h = jnp.where(und[:, None, None], h_new, h)
+    logits = D.head(cfg, params, h[:, 0])
+    cf = jax.lax.switch(seg, [lambda a, bb, cc, dd, i=i: conf(i, a, bb, cc, dd)
+                              for i in range(n)], h[:, 0], logits, prev_h, prev_logits)
+    last = seg == n - 1
+    ok = cf >= thr
+    if spec.rule == "per_row":
+      go = und & (ok | last)
+    else:
+      go = und & (jnp.all(ok | ~und) | last)
+    sel = jnp.where(go[:, None], logits, sel)
+    idx = jnp.where(go, seg, idx)
+    confs = _record(confs, seg, cf, und & ~last)
+    prev_h = jnp.where(und[:, None], h[:, 0], prev_h)
+    prev_logits = jnp.where(und[:, None], logits, prev_logits)
+    return seg + 1, h, cache, und & ~go, sel, idx, confs, prev_h, prev_logits
+
+  c0 = (jnp.int32(0), h0, cache, active, logits0, jnp.full((b,), n - 1, jnp.int32),
+        jnp.full((b, n), jnp.nan, jnp.float32), h0[:, 0], logits0)
+  seg, h, cache, _, sel, idx, confs, _, _ = jax.lax.while_loop(cond, body, c0)
+
+  # Segments no row reached: fill them for every active row from its exit state.
+  exit_layer = exit_tab[idx]
+  slots = jnp.where(active, pos, s)[:, None]
+
+  def tail(j):
+    def run(h, cache):
+      if exits[j - 1] >= exits[-1]:
+        return cache
+      return fill_skipped(cfg, params, spec.kv, exits[j - 1], exits[-1], h, pos, cache,
+                          slots, exit_layer)
+    return run
+
+  cache = jax.lax.switch(jnp.clip(seg, 1, n) - 1, [tail(j) for j in range(1, n + 1)],
+                         h, cache)
+  filled = jnp.sum(jnp.where(active, cfg.plan.effective_depth - exit_layer, 0))
+  stats = {"kv_filled_layers": filled.astype(jnp.int32)}
+  return sel, idx, confs, cache, state, stats
+
+
+def _oracle_step(cfg, params, spec: CalmSpec, conf: ConfFn, cache, tok, pos, active, thr):
+  exits = spec.exits
+  n = len(exits)
+  starts = (0,) + exits[:-1]
+  s = cache["block"][0][0].shape[2]
+  slots = jnp.where(active, pos, s)[:, None]
+  h = D.embed(cfg, params, tok[:, None])
+  logits_all, ok_all, confs = [], [], []
+  prev_h, prev_logits = h[:, 0], None
+  for i in range(n):
+    h, cache = D.run_layers(cfg, params, starts[i], exits[i], h, pos[:, None], cache, slots)
+    logits = D.head(cfg, params, h[:, 0])
+    cf = conf(i, h[:, 0], logits, prev_h, logits if prev_logits is None else prev_logits)
+    logits_all.append(logits)
+    confs.append(cf if i < n - 1 else jnp.full_like(cf, jnp.nan))
+    ok_all.append(cf >= thr)
+    prev_h, prev_logits = h[:, 0], logits
+  stacked = jnp.stack(logits_all)                                   # [n, B, V]
+  if spec.oracle == "tokens":
+    final = jnp.argmax(stacked[-1], axis=-1)
+    ok = jnp.argmax(stacked, axis=-1) == final[None]
+  else:
+    ok = jnp.stack(ok_all)
+    if spec.rule == "batch_min":
+      ok = jnp.broadcast_to(jnp.all(ok | ~active[None], axis=1, keepdims=True), ok.shape)
+  ok = ok.at[-1].set(True)
+  idx = jnp.argmax(ok, axis=0).astype(jnp.int32)
+  sel = jnp.take_along_axis(stacked, idx[None, :, None], axis=0)[0]
+  confs = jnp.stack(confs, axis=-1).astype(jnp.float32)
+  return sel, idx, confs, cache, None, {"kv_filled_layers": jnp.int32(0)}

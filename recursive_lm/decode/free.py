@@ -1,0 +1,186 @@
+"""FREE synchronized parallel decoding, batched, static shapes (spec §2.1.3, §5.1-2).
+
+One decode step for every row of the batch:
+
+1. *Shallow step*: layers ``[0, e)`` on the new token (shallow KV is always
+   complete), exit head, confidence ``c``.
+2. *Decision*: the row's token exits iff ``c >= threshold``.
+3. *Deferred deep pass* (``lax.cond``: skipped when no row needs it): layers
+   ``[e, L)`` on the chunk ``[pending; current]`` of ``K_max + 1`` queries per
+   row, at the true absolute positions ``pos - pending_len + j``, writing exact
+   deep KV for the valid rows ``j <= pending_len`` (the rest write nothing).
+   Afterwards every row's deep KV is complete up to its current token.
+4. Rows that did not take the deep pass push their exit-layer state (raw
+   residual, before the final norm) onto their pending buffer.
+
+Per-row state (``FreeState``): ``pending_h [B, K_max, D]``, the shallow
+confidence and argmax of each pending token (calibration pairs), and
+``pending_len [B]``. The pending tokens of a row are always the consecutive
+positions ``pos - pending_len .. pos - 1`` (everything since that row's last
+deep pass), so their positions are derived, not stored.
+
+Batch sync policies (``sync``):
+
+* ``"any"`` (FREE-any): per-row exit decisions. The deep pass runs for the
+  whole batch when any active row is not confident or has a full buffer.
+  Every active row flushes its pending states *and its current token* through
+  it (its deep KV becomes exact); confident rows still emit their shallow
+  token. A row's tokens therefore do not depend on the other rows.
+* ``"all"`` (CALM's batch-min rule): the batch exits only when every active
+  row is confident; otherwise every active row emits the deep token.
+
+Forced sync: an active, confident row whose buffer is full (``pending_len ==
+K_max``) triggers the deep pass; its token is still emitted from the shallow
+exit (it was confident). Counted in ``forced_syncs``.
+
+Adaptive threshold (FREE §2.1.5): at every deep pass, each active row with at
+least one pending token contributes its ``pending_len + 1`` pairs (shallow
+confidence, shallow argmax == deep argmax) to ``beta_mixture_update``; the
+estimator's threshold is used from the next step on. Rows that went deep with
+an empty buffer record nothing, as in FREE. This needs the deep logits of all
+``K_max + 1`` chunk rows (one LM-head matmul each); without the adaptive
+threshold only the current row goes through the head.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from recursive_lm.config import ModelConfig
+from recursive_lm.decode import depth as D
+from recursive_lm.early_exit.thresholds import (BetaMixtureConfig, BetaMixtureState,
+                                                beta_mixture_init, beta_mixture_update)
+
+Array = jax.Array
+SYNC_POLICIES = ("any", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class FreeSpec:
+  """Static settings of a FREE step.
+
+  exit_layer: unrolled layer count of the shallow exit (1 <= e < L).
+  k_max: pending-buffer size per row (the deep chunk has k_max + 1 queries).
+  sync: "any" or "all" (module docstring).
+  adaptive: BetaMixtureConfig for the adaptive threshold, None = fixed.
+  """
+  exit_layer: int
+  k_max: int = 8
+  sync: str = "any"
+  adaptive: BetaMixtureConfig | None = None
+
+
+class FreeState(NamedTuple):
+  pending_h: Array      # [B, K, D] exit-layer states of pending tokens
+  pending_conf: Array   # [B, K] their shallow confidences
+  pending_arg: Array    # [B, K] their shallow argmax tokens
+  pending_len: Array    # [B] int32
+  bmm: BetaMixtureState
+
+
+def free_init(cfg: ModelConfig, batch: int, spec: FreeSpec,
+              bmm: BetaMixtureState | None = None) -> FreeState:
+  k = spec.k_max
+  if bmm is None:
+    bmm = beta_mixture_init(spec.adaptive or BetaMixtureConfig())
+  return FreeState(jnp.zeros((batch, k, cfg.d_model), jnp.dtype(cfg.dtype)),
+                   jnp.zeros((batch, k), jnp.float32), jnp.zeros((batch, k), jnp.int32),
+                   jnp.zeros((batch,), jnp.int32), bmm)
+
+
+def _insert(buf: Array, plen: Array, x: Array) -> Array:
+  """[B, K, ...] buffer + one slot, with x [B, ...] written at row b's plen."""
+  pad = jnp.zeros((buf.shape[0], 1) + buf.shape[2:], buf.dtype)
+  ext = jnp.concatenate([buf, pad], axis=1)
+  return ext.at[jnp.arange(buf.shape[0]), plen].set(x.astype(buf.dtype))
+
+
+def deep_pass(cfg: ModelConfig, params, spec: FreeSpec, cache, st: FreeState,
+              h_cur: Array, conf_cur: Array, arg_cur: Array, pos: Array, active: Array):
+  """Layers [e, L) on [pending; current] per row as one causal chunk.
+
+  Returns (deep logits of the current token [B, V], cache, bmm state).
+  """
+  b, k = st.pending_len.shape[0], spec.k_max
+  s = cache["block"][0][0].shape[2]
+  plen = st.pending_len
+  j = jnp.arange(k + 1, dtype=jnp.int32)[None]
+  chunk = _insert(st.pending_h, plen, h_cur)                  # [B, K+1, D]
+  qpos = pos[:, None] - plen[:, None] + j                     # true positions
+  valid = (j <= plen[:, None]) & active[:, None]
+  slots = jnp.where(valid, qpos, s)                           # invalid: no write
+  h, cache = D.run_layers(cfg, params, spec.exit_layer, cfg.plan.effective_depth,
+                          chunk, qpos, cache, slots)
+  rows = jnp.arange(b)
+  bmm = st.bmm
+  if spec.adaptive is None:
+    return D.head(cfg, params, h[rows, plen]), cache, bmm
+  logits = D.head(cfg, params, h)                              # [B, K+1, V]
+  deep_arg = jnp.argmax(logits, axis=-1)
+  s_arg = _insert(st.pending_arg, plen, arg_cur)
+  s_conf = _insert(st.pending_conf, plen, conf_cur)
+  pairs = valid & (plen >= 1)[:, None]
+  bmm, _ = beta_mixture_update(bmm, s_conf, s_arg == deep_arg, pairs, spec.adaptive)
+  return logits[rows, plen], cache, bmm
+
+
+def free_step(cfg: ModelConfig, params, spec: FreeSpec, conf_fn: Callable[[Array, Array], Array],
+              cache, tok: Array, pos: Array, active: Array, thr: Array, st: FreeState):
+  """One FREE decode step (module docstring).
+
+  tok, pos, active, thr: [B]. Returns (logits to sample from [B, V], exit index
+  [B] (0 shallow, 1 deep), exit confidences [B, 2] (deep column NaN), cache,
+  new FreeState, stats dict of int32 scalars).
+  """
+  b, k = tok.shape[0], spec.k_max
+  s = cache["block"][0][0].shape[2]
+  slots = jnp.where(active, pos, s)[:, None]
+  h = D.embed(cfg, params, tok[:, None])
+  h, cache = D.run_layers(cfg, params, 0, spec.exit_layer, h, pos[:, None], cache, slots)
+  h_e = h[:, 0]
+  logits_s = D.head(cfg, params, h_e)
+  conf = conf_fn(h_e, logits_s).astype(jnp.float32)
+  arg = jnp.argmax(logits_s, axis=-1).astype(jnp.int32)
+  if spec.adaptive is not None:
+    thr = jnp.broadcast_to(st.bmm.threshold, conf.shape)
+  exits = conf >= thr
+  plen = st.pending_len
+  full = plen >= k
+  if spec.sync == "any":
+    want_deep = active & ~exits
+  else:  # "all": the batch exits together once every active row is confident
+    want_deep = active & ~jnp.all(exits | ~active)
+  need = jnp.any(want_deep | (active & full))
+
+  def go_deep(cache, bmm):
+    return deep_pass(cfg, params, spec, cache, st._replace(bmm=bmm), h_e, conf, arg,
+                     pos, active)
+
+  def stay(cache, bmm):
+    return jnp.zeros_like(logits_s), cache, bmm
+
+  deep_logits, cache, bmm = jax.lax.cond(need, go_deep, stay, cache, st.bmm)
+  emit_deep = want_deep & need
+  logits = jnp.where(emit_deep[:, None], deep_logits, logits_s)
+
+  rows = jnp.arange(b)
+  push = active & ~need
+  new = FreeState(
+      pending_h=st.pending_h.at[rows, jnp.where(push, plen, k)].set(
+          h_e.astype(st.pending_h.dtype), mode="drop"),
+      pending_conf=st.pending_conf.at[rows, jnp.where(push, plen, k)].set(conf, mode="drop"),
+      pending_arg=st.pending_arg.at[rows, jnp.where(push, plen, k)].set(arg, mode="drop"),
+      pending_len=jnp.where(need, jnp.where(active, 0, plen), plen + push),
+      bmm=bmm)
+  flushed = jnp.where(active, plen + (~emit_deep).astype(jnp.int32), 0)
+  stats = {
+      "deep_passes": need.astype(jnp.int32),
+      "kv_catchup_tokens": jnp.where(need, jnp.sum(flushed), 0).astype(jnp.int32),
+      "forced_syncs": (need & ~jnp.any(want_deep)).astype(jnp.int32),
+  }
+  exit_idx = emit_deep.astype(jnp.int32)
+  confs = jnp.stack([conf, jnp.full_like(conf, jnp.nan)], axis=-1)
+  return logits, exit_idx, confs, cache, new, stats
