@@ -35,6 +35,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from recursive_lm.config import ModelConfig
 from recursive_lm.nn.model import Transformer
+from recursive_lm.training.exit_losses import ExitLossConfig
+from recursive_lm.training.exit_objective import exit_train_loss
 from recursive_lm.training.losses import KD_KINDS, distill_loss
 from recursive_lm.training.optim import OptimConfig, lr_at, make_optimizer
 
@@ -50,8 +52,13 @@ class LossConfig:
   kd: str = "forward_kl"
   temperature: float = 1.0
   z_loss: float = 0.0
+  # Early-exit objective on top (training/exit_losses.py): an ExitLossConfig
+  # or its dict; None trains the final exit only.
+  exit: Any = None
 
   def __post_init__(self):
+    if self.exit is not None and not isinstance(self.exit, ExitLossConfig):
+      object.__setattr__(self, "exit", ExitLossConfig(**dict(self.exit)))
     if self.kd not in KD_KINDS:
       raise ValueError(f"LossConfig.kd={self.kd!r}; choose from {KD_KINDS}")
     if self.temperature <= 0:
@@ -112,6 +119,9 @@ def make_train_step(model_cfg: ModelConfig, optim_cfg: OptimConfig,
           _forward(teacher, jax.lax.stop_gradient(teacher_params), batch))
 
     def loss_fn(params):
+      if loss_cfg.exit is not None:  # the key is the one split off below
+        return exit_train_loss(model_cfg, loss_cfg, params, batch, t_logits,
+                               state.step, jax.random.split(state.rng)[1])
       logits = _forward(model, params, batch)
       return distill_loss(logits, t_logits, batch["targets"], batch["loss_mask"],
                           ce_weight=loss_cfg.ce_weight, kd_weight=loss_cfg.kd_weight,

@@ -184,6 +184,38 @@ def _evaluate(eval_fn, params, batches) -> tuple[float, float]:
   return mean, math.exp(mean)
 
 
+def _student(config, ck):
+  """(cfg, params) of the student: ``config.init_from`` (a ``save_model``
+  folder, e.g. an uptrained ``runs/.../final``: exit post-training) or a fresh
+  ``convert`` of the teacher checkpoint ``ck`` per ``config.convert``."""
+  init_from = config.get("init_from")
+  if init_from:
+    cfg, params, _ = export.load_model(init_from)
+    if cfg.vocab_size != ck.config.vocab_size or cfg.d_model != ck.config.d_model:
+      raise ConfigError(
+          f"config.init_from={init_from!r} (vocab {cfg.vocab_size}, d_model "
+          f"{cfg.d_model}) does not fit the teacher {ck.source} (vocab "
+          f"{ck.config.vocab_size}, d_model {ck.config.d_model}); point config.model "
+          "at the checkpoint the student was converted from")
+    return cfg, params
+  cv = config.convert
+  return convert(ck.config, ck.weights, cv.loops, cv.sharing, cv.init,
+                 cv.lora_rank or None, cv.nondivisible, config.seed)
+
+
+def _exit_evaluator(cfg, lcfg, p_sh, b_sh, rep, val) -> Callable[[Any], dict]:
+  """params -> held-out per-exit metrics (``exit_objective.exit_metrics``);
+  returns {} when ``lcfg.exit`` is None."""
+  if lcfg.exit is None:
+    return lambda params: {}
+  from recursive_lm.training.exit_losses import resolve_exits
+  from recursive_lm.training.exit_objective import exit_metrics, make_exit_eval_step
+  layers = resolve_exits(cfg, lcfg.exit)
+  fn = jax.jit(make_exit_eval_step(cfg, layers), in_shardings=(p_sh, b_sh),
+               out_shardings=rep)
+  return lambda params: exit_metrics(fn, layers, params, val)
+
+
 def _host_params(params):
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -246,9 +278,7 @@ def _train(config, hooks: Sequence[Hook], guard: C.PreemptionGuard, t_start: flo
   # -- models ------------------------------------------------------------------
   ck = load_checkpoint(config.model)
   teacher_cfg = ck.config.replace(dtype=config.model_dtype)
-  cv = config.convert
-  cfg, s_params = convert(ck.config, ck.weights, cv.loops, cv.sharing, cv.init,
-                          cv.lora_rank or None, cv.nondivisible, config.seed)
+  cfg, s_params = _student(config, ck)
   cfg = cfg.replace(dtype=config.model_dtype, remat=config.remat)
   t_params = params_from_hf(ck.config, ck.weights)
   student_unique, teacher_unique = unique_param_count(cfg), unique_param_count(teacher_cfg)
@@ -292,6 +322,7 @@ def _train(config, hooks: Sequence[Hook], guard: C.PreemptionGuard, t_start: flo
   s_eval = jax.jit(make_eval_step(cfg), in_shardings=(p_sh, b_sh), out_shardings=(rep, rep))
   t_eval = jax.jit(make_eval_step(teacher_cfg), in_shardings=(t_sh, b_sh),
                    out_shardings=(rep, rep))
+  x_eval = _exit_evaluator(cfg, lcfg, p_sh, b_sh, rep, val)  # {} without exits
 
   # -- resume --------------------------------------------------------------------
   tr = config.train
@@ -309,10 +340,11 @@ def _train(config, hooks: Sequence[Hook], guard: C.PreemptionGuard, t_start: flo
   if "teacher_nll" not in facts:
     t_nll, t_ppl = _evaluate(t_eval, t_params, val)
     s_nll, s_ppl = _evaluate(s_eval, state.params, val)
+    x0 = x_eval(state.params)
     facts = {"teacher_nll": t_nll, "teacher_ppl": t_ppl, "student_nll_init": s_nll,
-             "student_ppl_init": s_ppl}
+             "student_ppl_init": s_ppl, **{f"{k}_init": v for k, v in x0.items()}}
     writer.write(start_step, "eval", {"teacher_nll": t_nll, "teacher_ppl": t_ppl,
-                                      "student_nll": s_nll, "student_ppl": s_ppl})
+                                      "student_nll": s_nll, "student_ppl": s_ppl, **x0})
   logging.info("held-out ppl: teacher %.3f, student at init %.3f",
                facts["teacher_ppl"], facts["student_ppl_init"])
   meta = {"model_config": model_id, "facts": facts, "config": config.to_dict()}
@@ -338,6 +370,7 @@ def _train(config, hooks: Sequence[Hook], guard: C.PreemptionGuard, t_start: flo
   step, status, times, losses = start_step, "completed", [], []
   last_eval = (start_step, facts["student_nll_init"], facts["student_ppl_init"]) \
       if resumed_from is None else (-1, None, None)
+  last_x = x0 if resumed_from is None else {}
   progress = M.Progress(total, initial=start_step)
   t_loop = time.time()
   while step < total:
@@ -368,7 +401,8 @@ def _train(config, hooks: Sequence[Hook], guard: C.PreemptionGuard, t_start: flo
       h(step, state, mets)
     if tr.eval_every and step % tr.eval_every == 0:
       nll, ppl = _evaluate(s_eval, state.params, val)
-      writer.write(step, "eval", {"student_nll": nll, "student_ppl": ppl})
+      last_x = x_eval(state.params)
+      writer.write(step, "eval", {"student_nll": nll, "student_ppl": ppl, **last_x})
       last_eval = (step, nll, ppl)
       progress.write(f"step {step}: held-out ppl {ppl:.3f} (teacher "
                      f"{facts['teacher_ppl']:.3f})")
@@ -389,10 +423,12 @@ def _train(config, hooks: Sequence[Hook], guard: C.PreemptionGuard, t_start: flo
   if status != "preempted":
     if last_eval[0] != step:
       nll, ppl = _evaluate(s_eval, state.params, val)
-      writer.write(step, "eval", {"student_nll": nll, "student_ppl": ppl})
+      last_x = x_eval(state.params)
+      writer.write(step, "eval", {"student_nll": nll, "student_ppl": ppl, **last_x})
     else:
       nll, ppl = last_eval[1:]
-    facts_final = {"student_nll_final": nll, "student_ppl_final": ppl}
+    facts_final = {"student_nll_final": nll, "student_ppl_final": ppl,
+                   **{f"{k}_final": v for k, v in last_x.items()}}
   else:
     facts_final = {}
   writer.close()
