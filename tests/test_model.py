@@ -87,3 +87,22 @@ def test_decode_layouts_give_same_logits(layout):
   c2, p2 = fuse_projections(*to_kernel_layout(cfg, params, layout))
   assert "qkv" in p2["block"]["layer_0"]["attn"]
   np.testing.assert_allclose(_run(c2, p2, toks)["logits"], ref, atol=1e-5)
+
+
+def test_loop_unroll_is_numerically_the_same_model():
+  """loop_unroll only changes how XLA lays out the scan: same params, same logits and grads."""
+  from recursive_lm.config import DepthPlan, tiny_config
+  from recursive_lm.nn.model import Transformer, init_params
+  cfg = tiny_config(plan=DepthPlan(prelude=1, block=1, loops=3, coda=1),
+                    lora_ranks=(("q", 2),))
+  params = init_params(cfg, seed=3)
+  tok = jax.random.randint(jax.random.key(0), (2, 6), 2, 97)
+
+  def loss(p, c):
+    return jnp.mean(Transformer(c).apply({"params": p}, tok)["logits"] ** 2)
+
+  ref, g_ref = jax.value_and_grad(loss)(params, cfg)
+  out, g = jax.value_and_grad(loss)(params, cfg.replace(loop_unroll=3))
+  np.testing.assert_allclose(out, ref, rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
