@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import time
 from typing import Sequence
@@ -188,10 +189,19 @@ class DepthwiseBatcher:
     self.model = Transformer(cfg)
     self.eos_id = cfg.eos_id if eos_id is None else eos_id
     self.pad_id = (cfg.pad_id if cfg.pad_id is not None else 0) if pad_id is None else pad_id
-    self._prefill = jax.jit(self._prefill_impl,
-                            static_argnames=("max_new", "sampling", "stop_at_eos"))
-    self._run = jax.jit(self._run_impl,
-                        static_argnames=("max_new", "sampling", "stop_at_eos"))
+
+  # Instances with the same static settings share compiled code (the threshold
+  # and params are traced arguments).
+  def _static_key(self):
+    return (type(self), self.cfg, self.slots,
+            None if self.exit is None else self.exit.measure, self.eos_id, self.pad_id)
+
+  def __hash__(self):
+    return hash(self._static_key())
+
+  def __eq__(self, other):
+    return (isinstance(other, DepthwiseBatcher)
+            and self._static_key() == other._static_key())
 
   # -- state -------------------------------------------------------------------
   def _init_state(self, max_new: int, seed: int):
@@ -206,7 +216,9 @@ class DepthwiseBatcher:
                 busy=jnp.zeros((), jnp.int32))
 
   # -- jitted pieces -----------------------------------------------------------
-  def _prefill_impl(self, params, cache, st, tokens, length, slot, key, max_new,
+  @functools.partial(jax.jit, static_argnums=0,
+                     static_argnames=("max_new", "sampling", "stop_at_eos"))
+  def _prefill(self, params, cache, st, tokens, length, slot, key, max_new,
                     sampling, stop_at_eos):
     """Full-depth prefill of one prompt into ``slot``'s cache row; samples the
     request's first token and (re)starts the slot at loop 0."""
@@ -229,7 +241,7 @@ class DepthwiseBatcher:
       st[k] = st[k].at[slot].set(v)
     return cache, st
 
-  def _step(self, params, cache, st, max_new, sampling, stop_at_eos):
+  def _step(self, params, cache, st, threshold, max_new, sampling, stop_at_eos):
     cfg, plan = self.cfg, self.cfg.plan
     s = cache["block"][0][0].shape[2]
     n_loops, total = plan.loops, plan.effective_depth
@@ -256,7 +268,7 @@ class DepthwiseBatcher:
     early = jnp.zeros_like(active)
     if self.exit is not None:
       conf = exit_confidence(self.exit, logits, h_in, h)
-      early = active & ~last & should_exit(conf, self.exit.threshold)
+      early = active & ~last & should_exit(conf, threshold)
       # 5. state copying for the loops the exited tokens skip.
       cache = jax.lax.cond(jnp.any(early),
                            lambda c: fill_skipped_kv(cfg, params, c, h, pos, loop, early),
@@ -279,8 +291,10 @@ class DepthwiseBatcher:
               busy=st["busy"] + jnp.sum(active, dtype=jnp.int32))
     return normalize_cache(cache), st
 
-  def _run_impl(self, params, cache, st, stop_on_finish, max_steps, max_new,
-                sampling, stop_at_eos):
+  @functools.partial(jax.jit, static_argnums=0,
+                     static_argnames=("max_new", "sampling", "stop_at_eos"))
+  def _run(self, params, cache, st, threshold, stop_on_finish, max_steps, max_new,
+           sampling, stop_at_eos):
     """Steps until no slot is active, or (``stop_on_finish``) a request ends."""
     def cond(c):
       _, st = c
@@ -288,7 +302,7 @@ class DepthwiseBatcher:
               & (st["steps"] < max_steps))
 
     def body(c):
-      return self._step(params, *c, max_new=max_new, sampling=sampling,
+      return self._step(params, *c, threshold, max_new=max_new, sampling=sampling,
                         stop_at_eos=stop_at_eos)
 
     return jax.lax.while_loop(cond, body, (normalize_cache(cache), st))
@@ -309,6 +323,7 @@ class DepthwiseBatcher:
     results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     base = jax.random.key(seed + 1)
     max_steps = jnp.asarray(np.iinfo(np.int32).max, jnp.int32)
+    threshold = jnp.float32(math.inf if self.exit is None else self.exit.threshold)
     prefill_s = 0.0
     free = list(range(self.slots))
     while True:
@@ -326,8 +341,8 @@ class DepthwiseBatcher:
                                   jax.random.fold_in(base, rid), **static)
       jax.block_until_ready(st["active"])
       prefill_s += time.perf_counter() - t0
-      cache, st = self._run(self.params, cache, st, jnp.asarray(bool(queue)), max_steps,
-                            **static)
+      cache, st = self._run(self.params, cache, st, threshold, jnp.asarray(bool(queue)),
+                            max_steps, **static)
       active, finished = jax.device_get((st["active"], st["finished"]))
       done_slots = [i for i in range(self.slots) if finished[i] and owner[i] >= 0]
       if done_slots:

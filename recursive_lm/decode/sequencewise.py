@@ -18,6 +18,8 @@ Example::
 """
 from __future__ import annotations
 
+import functools
+import math
 import time
 from typing import Sequence
 
@@ -27,7 +29,7 @@ import numpy as np
 
 from recursive_lm.config import ModelConfig
 from recursive_lm.decode import depth as D
-from recursive_lm.decode.depthwise import (BatchOutput, ExitPolicy, _check_requests,
+from recursive_lm.decode.depthwise import (BatchOutput, DepthwiseBatcher, ExitPolicy, _check_requests,
                                            check_recursive, exit_confidence,
                                            fill_skipped_kv)
 from recursive_lm.decode.engine import _round_up, bucket_length, chunk_step
@@ -54,11 +56,19 @@ class SequenceBatcher:
     self.model = Transformer(cfg)
     self.eos_id = cfg.eos_id if eos_id is None else eos_id
     self.pad_id = (cfg.pad_id if cfg.pad_id is not None else 0) if pad_id is None else pad_id
-    self._prefill = jax.jit(self._prefill_impl)
-    self._decode = jax.jit(self._decode_impl,
-                           static_argnames=("max_new", "sampling", "stop_at_eos"))
 
-  def _prefill_impl(self, params, cache, tokens, lengths):
+  # Instances with the same static settings share compiled code.
+  _static_key = DepthwiseBatcher._static_key
+
+  def __hash__(self):
+    return hash(self._static_key())
+
+  def __eq__(self, other):
+    return (isinstance(other, SequenceBatcher)
+            and self._static_key() == other._static_key())
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def _prefill(self, params, cache, tokens, lengths):
     b, t = tokens.shape
     s = cache["block"][0][0].shape[2]
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -67,7 +77,7 @@ class SequenceBatcher:
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
     return last, normalize_cache(cache)
 
-  def _token(self, params, cache, tok, pos, done):
+  def _token(self, params, cache, tok, pos, done, threshold):
     """One token for the batch, loop by loop. Returns (cache, logits, loops
     run per row, block applications, busy row-loops)."""
     cfg, plan = self.cfg, self.cfg.plan
@@ -101,7 +111,7 @@ class SequenceBatcher:
         elif self.exit is not None:
           logits = D.head(cfg, params, h_new)
           stop = go & should_exit(exit_confidence(self.exit, logits, h, h_new),
-                                  self.exit.threshold)
+                                  threshold)
           cache = jax.lax.cond(
               jnp.any(stop), lambda c: fill_skipped_kv(
                   cfg, params, c, h_new, pos, jnp.full_like(pos, m), stop),
@@ -116,8 +126,10 @@ class SequenceBatcher:
     _, cache, _, sel, loops, steps, busy = carry
     return cache, sel, loops, steps, busy
 
-  def _decode_impl(self, params, cache, last, lengths, rng, max_new, sampling,
-                   stop_at_eos):
+  @functools.partial(jax.jit, static_argnums=0,
+                     static_argnames=("max_new", "sampling", "stop_at_eos"))
+  def _decode(self, params, cache, last, lengths, rng, threshold, max_new, sampling,
+              stop_at_eos):
     b = lengths.shape[0]
     eos = self.eos_id if (stop_at_eos and self.eos_id is not None) else -1
     rng, k0 = jax.random.split(rng)
@@ -132,7 +144,7 @@ class SequenceBatcher:
 
     def body(st):
       step, cache, tok, pos, done, out, loops, rng, steps, busy = st
-      cache, logits, lp, n, bz = self._token(params, cache, tok, pos, done)
+      cache, logits, lp, n, bz = self._token(params, cache, tok, pos, done, threshold)
       rng, key = jax.random.split(rng)
       new = sample(logits, key, sampling)
       col = jnp.where(done, max_new, step)
@@ -174,6 +186,7 @@ class SequenceBatcher:
       prefill_s += time.perf_counter() - t0
       out, loops, n, bz = self._decode(
           self.params, cache, last, jnp.asarray(lens), jax.random.key(seed + start),
+          jnp.float32(math.inf if self.exit is None else self.exit.threshold),
           max_new=max_new_tokens, sampling=sampling, stop_at_eos=stop_at_eos)
       out, loops, n, bz = jax.device_get((out, loops, n, bz))
       steps, busy = steps + int(n), busy + int(bz)
