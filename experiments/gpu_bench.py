@@ -32,7 +32,7 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "results/gpu", "Output folder.")
-flags.DEFINE_list("sections", ["roofline", "decode", "train"], "What to run.")
+flags.DEFINE_list("sections", ["roofline", "decode", "train", "engines"], "What to run.")
 flags.DEFINE_bool("tiny", False, "Tiny shapes (CPU smoke test of the script).")
 flags.DEFINE_list("batches", ["1", "8", "32", "128"], "Decode batch sizes.")
 flags.DEFINE_integer("new_tokens", 128, "Decode: new tokens per row.")
@@ -196,6 +196,57 @@ def train(peak):
   return {"batch": b, "seq_len": t, "rows": rows}
 
 
+def engines(rows, save):
+  """Early-exit engines on a 15 x 2-loop recursive model of the same shape.
+
+  Random weights make confidences meaningless, so the two thresholds bound the
+  engines: +inf (never exit: the engine's overhead over ``Engine``) and 0
+  (every token exits at the first loop: the most an exit can save)."""
+  import numpy as np
+  from recursive_lm.config import DepthPlan
+  from recursive_lm.decode.depthwise import DepthwiseBatcher, ExitPolicy
+  from recursive_lm.decode.early_exit import EarlyExitEngine
+  from recursive_lm.decode.engine import Engine
+  from recursive_lm.decode.sequencewise import SequenceBatcher
+  from recursive_lm.nn.model import init_params
+  base = _cfg()
+  n = base.plan.effective_depth
+  cfg = base.replace(plan=DepthPlan(block=max(n // 2, 1), loops=2), dtype="bfloat16",
+                     param_dtype="bfloat16")
+  params = init_params(cfg, seed=0)
+  b = 4 if FLAGS.tiny else 32
+  new = FLAGS.new_tokens
+  rng = np.random.default_rng(0)
+  prompts = rng.integers(3, cfg.vocab_size, (2 * b, 64)).tolist()
+
+  def timed(fn):
+    fn()
+    outs = [fn() for _ in range(3)]
+    secs = [o.seconds if hasattr(o, "seconds") else o.decode_seconds + o.prefill_seconds
+            for o in outs]
+    return outs[0], statistics.median(secs)
+
+  def add(name, thr, o, s, ntok):
+    row = {"engine": name, "batch": b, "threshold": thr, "tokens_per_s": ntok / s}
+    rows.append(row)
+    print(row, flush=True)
+    save()
+
+  full = Engine(cfg, params)
+  o, s = timed(lambda: full.generate(prompts[:b], new, stop_at_eos=False))
+  add("full depth (Engine)", None, o, s, b * new)
+  for policy in ("free", "calm"):
+    eng = EarlyExitEngine(cfg, params, policy=policy, confidence="softmax_max")
+    for thr in (float("inf"), 0.0):
+      o, s = timed(lambda: eng.generate(prompts[:b], new, stop_at_eos=False, threshold=thr))
+      add(policy.upper(), thr, o, s, b * new)
+  for name, cls in (("depth-wise", DepthwiseBatcher), ("sequence-wise", SequenceBatcher)):
+    for thr in (float("inf"), 0.0):
+      bat = cls(cfg, params, slots=b, exit=ExitPolicy("softmax_max", thr))
+      o, s = timed(lambda: bat.generate(prompts, new, stop_at_eos=False))
+      add(f"{name} serving {2 * b} requests", thr, o, s, o.new_tokens)
+
+
 def _markdown(res) -> str:
   meta = res["meta"]
   lines = [f"GPU figures ({meta['device']}, jax {meta['jax']}), SmolLM2-135M shape, "
@@ -228,6 +279,14 @@ def _markdown(res) -> str:
                    f"{1e3 * x['step_s']:.1f} | {x['tokens_per_s']:.0f} | "
                    f"{x['flop_rate'] / 1e12:.1f} | {x['fraction_of_bf16_peak']:.0%} | "
                    f"{x['step_vs_vanilla']:.3f}x |")
+    lines.append("")
+  if res.get("engines"):
+    lines += ["Early-exit engines, 15 x 2-loop recursive model of the same shape, bf16, "
+              "random weights (threshold inf: never exit; 0: every token exits after "
+              "loop 1):", "", "| engine | batch | threshold | tokens/s |", "|---|---|---|---|"]
+    for x in res["engines"]:
+      thr = "-" if x["threshold"] is None else f"{x['threshold']:g}"
+      lines.append(f"| {x['engine']} | {x['batch']} | {thr} | {x['tokens_per_s']:.0f} |")
   return "\n".join(lines) + "\n"
 
 
@@ -254,6 +313,9 @@ def main(_):
   if "train" in FLAGS.sections:
     res["train"] = train(r["peak_bf16"])
     save()
+  if "engines" in FLAGS.sections:
+    res["engines"] = []
+    engines(res["engines"], save)
   print(_markdown(res))
 
 
