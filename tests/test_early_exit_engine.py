@@ -1,4 +1,6 @@
 """Early-exit decode engine (FREE and CALM): equivalences and KV exactness."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,33 @@ INF = float("inf")
 PROMPTS = [[3, 4, 5, 6, 7, 8, 9], [11], [20, 21, 22]]
 N_NEW = 10
 MIXED = 1e-3  # about the median top-2 gap of the random model: mixed exits
+REF_LEN = 32  # references pad sequences to one length (one compile, causal)
+
+
+def _pad(seq):
+  return jnp.asarray([list(seq) + [0] * (REF_LEN - len(seq))])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _exit_logits(cfg, params, tokens, e):
+  states, _ = D.hidden_states(cfg, params, tokens, [e])
+  return D.head(cfg, params, states[0])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _propagated_cache(cfg, params, tokens, e, s):
+  """K/V of layers [e, L) projected from the teacher-forced exit-e states."""
+  states, _ = D.hidden_states(cfg, params, tokens, [e])
+  pos = jnp.arange(tokens.shape[1])[None]
+  return D.propagate_kv(cfg, params, e, cfg.plan.effective_depth, states[0], pos,
+                        init_cache(cfg, 1, s))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _ref_cache(cfg, params, tokens, s):
+  pos = jnp.arange(tokens.shape[1])[None]
+  return Transformer(cfg).apply({"params": params}, tokens, positions=pos,
+                                cache=init_cache(cfg, 1, s))["cache"]
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +65,21 @@ def free(rec):
 
 
 @pytest.fixture(scope="module")
+def free_all(rec):
+  cfg, params, _ = rec
+  return EarlyExitEngine(cfg, params, policy="free", sync="all", threshold=INF, k_max=3)
+
+
+@pytest.fixture(scope="module")
 def calm(rec):
   cfg, params, _ = rec
   return EarlyExitEngine(cfg, params, policy="calm", threshold=INF)
 
 
 def _full_cache(cfg, params, seq, s):
-  """Teacher-forced full-depth KV of one token sequence (batch 1)."""
-  tok = jnp.asarray([seq])
-  pos = jnp.arange(len(seq))[None]
-  return Transformer(cfg).apply({"params": params}, tok, positions=pos,
-                                cache=init_cache(cfg, 1, s))["cache"]
+  """Teacher-forced full-depth KV of one token sequence (batch 1); slots past
+  ``len(seq)`` hold padding and are never compared."""
+  return _ref_cache(cfg, params, _pad(seq), s)
 
 
 def _layer_kv(cfg, cache, i, row):
@@ -60,15 +93,15 @@ def _layer_kv(cfg, cache, i, row):
 
 
 # ---------------------------------------------------------------- never exit
-def test_never_exit_reproduces_full_decoding(rec, free, calm):
+def test_never_exit_reproduces_full_decoding(rec, free, free_all, calm):
   cfg, params, ref = rec
-  for eng in (free, calm):
+  for eng in (free, free_all, calm):
     out = eng.generate(PROMPTS, N_NEW)
     assert out.tokens == ref
     assert all(i == len(eng.exits) - 1 for row in out.exit_index for i in row)
     assert out.avg_layers == cfg.plan.effective_depth
   assert free.generate(PROMPTS, N_NEW).deep_passes == N_NEW - 1
-  for kw in (dict(policy="free", sync="all"), dict(policy="calm", rule="batch_min"),
+  for kw in (dict(policy="calm", rule="batch_min"),
              dict(policy="calm", oracle="cache")):
     assert EarlyExitEngine(cfg, params, threshold=INF, **kw).generate(
         PROMPTS, N_NEW).tokens == ref, kw
@@ -89,22 +122,20 @@ def test_vanilla_plan_with_chosen_exits():
 
 
 # ---------------------------------------------------------------- FREE
-def _static_exit_reference(cfg, params, prompt, n, e):
-  """First token from the full model (prefill), then argmax of exit e."""
-  seq = list(prompt)
-  logits = Transformer(cfg).apply({"params": params}, jnp.asarray([seq]))["logits"]
-  seq.append(int(jnp.argmax(logits[0, -1])))
+def _static_exit_reference(cfg, params, prompt, first, n, e):
+  """First token from the full model (prefill: ``first``), then argmax of exit e."""
+  seq = list(prompt) + [first]
   for _ in range(n - 1):
-    states, _ = D.hidden_states(cfg, params, jnp.asarray([seq]), [e])
-    seq.append(int(jnp.argmax(D.head(cfg, params, states[0, 0, -1]))))
+    logits = _exit_logits(cfg, params, _pad(seq), e)
+    seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
   return seq[len(prompt):]
 
 
 def test_free_always_exit_equals_static_shallow_exit(rec, free):
-  cfg, params, _ = rec
+  cfg, params, ref = rec
   out = free.generate(PROMPTS, N_NEW, threshold=0.0)
-  for p, got in zip(PROMPTS, out.tokens):
-    assert got == _static_exit_reference(cfg, params, p, N_NEW, free.exits[0])
+  for p, got, full in zip(PROMPTS, out.tokens, ref):
+    assert got == _static_exit_reference(cfg, params, p, full[0], N_NEW, free.exits[0])
   assert all(row[1:] == [0] * (N_NEW - 1) for row in out.exit_index)
   assert out.avg_layers == free.exits[0]
 
@@ -155,10 +186,8 @@ def test_any_policy_rows_independent_of_batch(free):
     assert alone.exit_index[0] == batch.exit_index[r]
 
 
-def test_all_policy_exits_together(rec):
-  cfg, params, _ = rec
-  eng = EarlyExitEngine(cfg, params, policy="free", sync="all", threshold=MIXED, k_max=3)
-  out = eng.generate(PROMPTS, N_NEW)
+def test_all_policy_exits_together(free_all):
+  out = free_all.generate(PROMPTS, N_NEW, threshold=MIXED)
   idx = np.array([row[1:] for row in out.exit_index])
   assert all(len(set(col)) == 1 for col in idx.T)
   conf = np.array([row[1:] for row in out.confidence])
@@ -214,10 +243,7 @@ def test_calm_propagates_the_exit_layer_state(rec, calm):
   s = out.cache["block"][0][0].shape[2]
   for r, (p, toks) in enumerate(zip(PROMPTS, out.tokens)):
     fed = list(p) + toks[:-1]
-    states, _ = D.hidden_states(cfg, params, jnp.asarray([fed]), [e0])
-    pos = jnp.arange(len(fed))[None]
-    prop = D.propagate_kv(cfg, params, e0, cfg.plan.effective_depth, states[0], pos,
-                          init_cache(cfg, 1, s))
+    prop = _propagated_cache(cfg, params, _pad(fed), e0, s)
     gen = slice(len(p), len(fed))  # positions fed by decode steps
     for i in range(e0, cfg.plan.effective_depth):
       for a, b in zip(_layer_kv(cfg, out.cache, i, r), _layer_kv(cfg, prop, i, 0)):
@@ -228,8 +254,13 @@ def test_calm_propagates_the_exit_layer_state(rec, calm):
 
 def test_calm_first_loop_kv_sharing(rec):
   cfg, params, _ = rec
-  eng = EarlyExitEngine(cfg, params, policy="calm", kv="first_loop", threshold=0.0)
+  # CALM's state (cosine) measure gives the first exit confidence 0: with
+  # threshold 0 every token exits there.
+  eng = EarlyExitEngine(cfg, params, policy="calm", kv="first_loop", threshold=0.0,
+                        confidence="state")
   out = eng.generate(PROMPTS, N_NEW, return_cache=True)
+  assert all(row[1:] == [0] * (N_NEW - 1) for row in out.exit_index)
+  assert all(c == 0.0 for row in out.confidence for c in row[1:])
   units = cfg.plan.unrolled()
   for r, p in enumerate(PROMPTS):
     gen = slice(len(p), int(out.final_positions[r]))
