@@ -1,7 +1,6 @@
 """Early-exit objectives: weights, self-KD detachment, FREE alignment, curricula,
 layer dropout, the exit train step (incl. sharded) and per-exit evaluation."""
 import functools
-import itertools
 
 import jax
 import jax.numpy as jnp

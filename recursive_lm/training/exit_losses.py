@@ -254,6 +254,9 @@ def free_kd(student: Array, teacher: Array, mask: Array, align: str = "dyna"
             ) -> tuple[Array, Array]:
   """FREE layer-wise hidden-state KD (MSE), teacher detached.
 
+  As in FREE, the ``dyna`` alignment is chosen once per batch from the
+  batch-mean MSE matrix (not per example); padding is excluded by ``mask``.
+
   Args:
     student: [S, B, T, D] final-normed states of layers 1..L_s (S = L_s).
     teacher: [K, B, T, D] final-normed states of the teacher layers.
