@@ -234,12 +234,10 @@ def test_adaptive_threshold_updates(rec):
 
 
 # ---------------------------------------------------------------- CALM
-def test_calm_propagates_the_exit_layer_state(rec, calm):
-  """Always exit at the first exit: skipped layers' KV == K/V projected from the
-  exit-layer state (not the first segment's or any other state)."""
-  cfg, params, _ = rec
-  out = calm.generate(PROMPTS, N_NEW, threshold=0.0, return_cache=True)
-  e0 = calm.exits[0]
+def _check_propagated(cfg, params, out):
+  """Layers past the first exit hold K/V projected from the exit-layer state
+  of every decode-step token (not the first segment's or any other state)."""
+  e0 = out.exits[0]
   s = out.cache["block"][0][0].shape[2]
   for r, (p, toks) in enumerate(zip(PROMPTS, out.tokens)):
     fed = list(p) + toks[:-1]
@@ -248,6 +246,15 @@ def test_calm_propagates_the_exit_layer_state(rec, calm):
     for i in range(e0, cfg.plan.effective_depth):
       for a, b in zip(_layer_kv(cfg, out.cache, i, r), _layer_kv(cfg, prop, i, 0)):
         np.testing.assert_allclose(a[gen], b[gen], atol=2e-5)
+
+
+def test_calm_propagates_the_exit_layer_state(rec, calm):
+  """Always exit at the first exit: skipped layers' KV == K/V projected from the
+  exit-layer state."""
+  cfg, params, _ = rec
+  out = calm.generate(PROMPTS, N_NEW, threshold=0.0, return_cache=True)
+  _check_propagated(cfg, params, out)
+  e0 = calm.exits[0]
   assert out.kv_filled_layers == len(PROMPTS) * (N_NEW - 1) * (
       cfg.plan.effective_depth - e0)
 
@@ -279,7 +286,36 @@ def test_calm_oracle_tokens_equal_full_decoding(rec):
   assert out.avg_layers <= cfg.plan.effective_depth
 
 
+def test_calm_oracle_noisy_cache(rec):
+  """Final-layer tokens over the propagated cache: == full decoding when nothing
+  exits; with every token exiting, the cache past the exit is propagated."""
+  cfg, params, ref = rec
+  eng = EarlyExitEngine(cfg, params, policy="calm", oracle="noisy_cache", threshold=INF)
+  assert eng.generate(PROMPTS, N_NEW).tokens == ref
+  out = eng.generate(PROMPTS, N_NEW, threshold=0.0, return_cache=True)
+  assert all(row[1:] == [0] * (N_NEW - 1) for row in out.exit_index)
+  _check_propagated(cfg, params, out)
+
+
 # ---------------------------------------------------------------- engine
+def test_eos_stops_rows_independently(rec, free, calm):
+  """Rows that hit EOS stop (no writes, no deep-pass triggers); the others are
+  unchanged: each row == its no-EOS output cut at its first EOS."""
+  cfg, params, _ = rec
+  for base, kw in ((free, dict(policy="free", k_max=3)), (calm, dict(policy="calm"))):
+    plain = base.generate(PROMPTS, N_NEW, threshold=MIXED)
+    eos = plain.tokens[0][3]
+    eng = EarlyExitEngine(cfg, params, threshold=MIXED, eos_id=eos, **kw)
+    out = eng.generate(PROMPTS, N_NEW)
+    stopped = 0
+    for row, idx, full, full_idx in zip(out.tokens, out.exit_index, plain.tokens,
+                                        plain.exit_index):
+      cut = full.index(eos) + 1 if eos in full else len(full)
+      stopped += cut < len(full)
+      assert row == full[:cut] and idx == full_idx[:cut]
+    assert stopped >= 1
+
+
 def test_no_recompilation_across_calls(free):
   before = free.trace_count
   free.generate([[5, 6, 7], [8], [9, 10]], N_NEW, threshold=0.5)

@@ -31,7 +31,12 @@ Oracle modes for analysis (they run the full depth for every row):
 * ``oracle="cache"``: exit decisions by confidence as usual, but the KV of
   every layer is the real one (CALM ``oracle_cache``);
 * ``oracle="tokens"``: exit at the first exit whose argmax equals the full
-  model's (CALM ``oracle_tok_consistency``), real KV.
+  model's (CALM ``oracle_tok_consistency``), real KV;
+* ``oracle="noisy_cache"``: exit decisions by confidence and skipped layers'
+  KV filled as ``kv`` says (overwriting the real KV after the step), but the
+  token comes from the final layer (CALM ``oracle_tok_noisy_cache``): isolates
+  the effect of the approximate cache. The recorded exit index is the
+  confidence-chosen exit.
 """
 from __future__ import annotations
 
@@ -48,7 +53,7 @@ from recursive_lm.nn import layers as L
 Array = jax.Array
 RULES = ("per_row", "batch_min")
 KV_POLICIES = ("propagate", "first_loop")
-ORACLES = (None, "cache", "tokens")
+ORACLES = (None, "cache", "tokens", "noisy_cache")
 
 # conf(i, h [B, D], logits [B, V], prev_h, prev_logits) -> [B] float32
 ConfFn = Callable[[int, Array, Array, Array, Array], Array]
@@ -186,10 +191,11 @@ def _oracle_step(cfg, params, spec: CalmSpec, conf: ConfFn, cache, tok, pos, act
   s = cache["block"][0][0].shape[2]
   slots = jnp.where(active, pos, s)[:, None]
   h = D.embed(cfg, params, tok[:, None])
-  logits_all, ok_all, confs = [], [], []
+  logits_all, ok_all, confs, states = [], [], [], []
   prev_h, prev_logits = h[:, 0], None
   for i in range(n):
     h, cache = D.run_layers(cfg, params, starts[i], exits[i], h, pos[:, None], cache, slots)
+    states.append(h)
     logits = D.head(cfg, params, h[:, 0])
     cf = conf(i, h[:, 0], logits, prev_h, logits if prev_logits is None else prev_logits)
     logits_all.append(logits)
@@ -208,4 +214,14 @@ def _oracle_step(cfg, params, spec: CalmSpec, conf: ConfFn, cache, tok, pos, act
   idx = jnp.argmax(ok, axis=0).astype(jnp.int32)
   sel = jnp.take_along_axis(stacked, idx[None, :, None], axis=0)[0]
   confs = jnp.stack(confs, axis=-1).astype(jnp.float32)
-  return sel, idx, confs, cache, None, {"kv_filled_layers": jnp.int32(0)}
+  filled = jnp.int32(0)
+  if spec.oracle == "noisy_cache":
+    sel = stacked[-1]
+    exit_layer = jnp.asarray(exits, jnp.int32)[idx]
+    h_exit = jnp.take_along_axis(jnp.stack(states), idx[None, :, None, None], axis=0)[0]
+    for j in range(1, n):  # segment j is skipped by rows that exited before it
+      skip = active & (idx < j)
+      cache = fill_skipped(cfg, params, spec.kv, starts[j], exits[j], h_exit, pos, cache,
+                           jnp.where(skip, pos, s)[:, None], exit_layer)
+    filled = jnp.sum(jnp.where(active, exits[-1] - exit_layer, 0)).astype(jnp.int32)
+  return sel, idx, confs, cache, None, {"kv_filled_layers": filled}

@@ -20,7 +20,7 @@ later token is produced by one decode step of the policy:
 * ``policy="calm"`` (``decode/calm.py``): every exit checked in order, per-row
   (or batch-min) exits, skipped layers' KV from the exit-layer state
   (``kv="propagate"``) or copied from the first loop (``kv="first_loop"``),
-  oracle modes ``"cache"`` / ``"tokens"``.
+  oracle modes ``"cache"`` / ``"tokens"`` / ``"noisy_cache"`` for analysis.
 
 Exits are unrolled layer counts (1-based: exit ``e`` reads the residual state
 after ``e`` layers). Default: after each loop (``depth.loop_exits``) for a
@@ -146,7 +146,7 @@ class EarlyExitEngine:
       across ``generate`` calls, see ``reset_adaptive``).
     k_max, sync: FREE pending-buffer size and batch sync policy ("any"/"all").
     rule, kv, oracle: CALM exit rule ("per_row"/"batch_min"), skipped-layer
-      KV ("propagate"/"first_loop"), oracle mode (None/"cache"/"tokens").
+      KV ("propagate"/"first_loop"), oracle mode (None/"cache"/"tokens"/"noisy_cache", see ``decode/calm.py``).
     schedule, position_temp: "fixed" or CALM's "decaying" threshold.
     adaptive_config: ``BetaMixtureConfig`` for ``threshold="adaptive"``.
     meta_params: meta-classifier params for ``confidence="meta"``.
