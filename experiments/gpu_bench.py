@@ -151,8 +151,8 @@ def train(peak):
   variants = {
       "vanilla": base,
       "recursive": base.replace(plan=DepthPlan(block=n // 2, loops=2)),
-      "recursive_unrolled": base.replace(plan=DepthPlan(block=n // 2, loops=2),
-                                         loop_unroll=2),
+      "recursive_rolled": base.replace(plan=DepthPlan(block=n // 2, loops=2),
+                                       loop_unroll=1),
       "recursive_lora64": base.replace(plan=DepthPlan(block=n // 2, loops=2),
                                        lora_ranks=tuple((t, 64) for t in
                                                         ("q", "k", "v", "o", "gate", "up",

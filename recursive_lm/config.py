@@ -186,9 +186,11 @@ class ModelConfig:
   # Rematerialisation of each loop of the shared block: "none", "full", or a
   # jax.checkpoint_policies name (e.g. "dots_with_no_batch_dims_saveable").
   remat: str = "none"
-  # XLA unroll factor of the scan over loops (1: a rolled while loop; >= loops:
-  # fully unrolled, same params and semantics, lets XLA fuse across loops).
-  loop_unroll: int = 1
+  # XLA unroll factor of the scan over loops: 0 (default) unrolls fully, 1 keeps
+  # a rolled while loop. Same params and numerics; on an H200 the rolled loop
+  # made a 15 x 2 distillation step 1.26x a vanilla 30-layer step, fully
+  # unrolled 0.99x (results/gpu/gpu_bench_train_engines.md).
+  loop_unroll: int = 0
   # Storage of dense kernels: "in_out" ([in, out], the default for training and
   # checkpoints) or "out_in" (used by the decode engine at small batch).
   kernel_layout: str = "in_out"

@@ -77,7 +77,8 @@ def _scanned_block(cfg: ModelConfig, name: str):
   return nn.scan(
       body, variable_broadcast="params", split_rngs={"params": False},
       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-      length=cfg.plan.loops, unroll=max(1, min(cfg.loop_unroll, cfg.plan.loops)))(
+      length=cfg.plan.loops, unroll=(cfg.plan.loops if cfg.loop_unroll <= 0
+                                        else min(cfg.loop_unroll, cfg.plan.loops)))(
           cfg, name=name)
 
 
