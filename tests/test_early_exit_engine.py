@@ -175,6 +175,22 @@ def test_deferred_deep_pass_writes_sequential_kv(rec, free):
                                             return_cache=True))
 
 
+def test_bucketed_deep_pass_equals_full_width(rec, free):
+  cfg, params, _ = rec
+  eng = EarlyExitEngine(cfg, params, policy="free", threshold=MIXED, k_max=3,
+                        deep_buckets=(1, 2, 4))
+  for thr in (MIXED, 0.0):
+    ref = free.generate(PROMPTS, N_NEW, threshold=thr)
+    out = eng.generate(PROMPTS, N_NEW, threshold=thr, return_cache=True)
+    assert out.tokens == ref.tokens and out.exit_index == ref.exit_index
+    assert out.deep_passes == ref.deep_passes
+    assert ref.deep_query_rows == ref.deep_passes * len(PROMPTS) * 4
+    _check_deep_kv(cfg, params, out)
+  assert out.deep_query_rows == ref.deep_query_rows  # forced syncs: full width
+  mixed = eng.generate(PROMPTS, N_NEW, threshold=MIXED)
+  assert mixed.deep_query_rows < free.generate(PROMPTS, N_NEW, threshold=MIXED).deep_query_rows
+
+
 def test_any_policy_rows_independent_of_batch(free):
   batch = free.generate(PROMPTS, N_NEW, threshold=MIXED)
   idx = np.array([row[1:] for row in batch.exit_index])
@@ -343,6 +359,7 @@ def test_bad_options_have_clear_errors(rec):
       (dict(policy="free", threshold="auto"), "adaptive"),
       (dict(policy="free", sync="some"), "sync"),
       (dict(policy="free", k_max=0), "k_max"),
+      (dict(policy="free", k_max=3, deep_buckets=(2, 3)), "deep_buckets"),
       (dict(policy="calm", oracle="cheat"), "oracle"),
       (dict(policy="calm", schedule="linear"), "schedule"),
   ]

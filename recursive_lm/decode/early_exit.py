@@ -76,7 +76,9 @@ class EarlyExitOutput(GenerateOutput):
     final exit is never checked).
   deep_passes / kv_catchup_tokens / forced_syncs: FREE counters (tokens whose
     deep KV was computed late by a deep pass; syncs caused only by full
-    buffers). pending_at_end: per-row pending tokens whose deep KV was never
+    buffers). deep_query_rows: query rows the deep passes computed (batch x
+    chunk width, padding included: the compute actually spent).
+    pending_at_end: per-row pending tokens whose deep KV was never
     computed (generation ended).
   kv_filled_layers: CALM, (row, layer) KV entries filled by propagation/copy.
   threshold_final: λ after the call (the adaptive estimator's, or the base).
@@ -90,6 +92,7 @@ class EarlyExitOutput(GenerateOutput):
   deep_passes: int = 0
   kv_catchup_tokens: int = 0
   forced_syncs: int = 0
+  deep_query_rows: int = 0
   kv_filled_layers: int = 0
   pending_at_end: list[int] = dataclasses.field(default_factory=list)
   threshold_final: float = float("nan")
@@ -145,6 +148,9 @@ class EarlyExitEngine:
       initial λ = ``adaptive_config.init_threshold``; its state persists
       across ``generate`` calls, see ``reset_adaptive``).
     k_max, sync: FREE pending-buffer size and batch sync policy ("any"/"all").
+    deep_buckets: FREE deep-chunk widths compiled as ``lax.switch`` branches,
+      increasing and ending at k_max + 1 (e.g. (1, 2, 4, 9) for k_max=8);
+      None = always k_max + 1.
     rule, kv, oracle: CALM exit rule ("per_row"/"batch_min"), skipped-layer
       KV ("propagate"/"first_loop"), oracle mode (None/"cache"/"tokens"/"noisy_cache", see ``decode/calm.py``).
     schedule, position_temp: "fixed" or CALM's "decaying" threshold.
@@ -156,6 +162,7 @@ class EarlyExitEngine:
   def __init__(self, cfg: ModelConfig, params, exits: Sequence[int] | None = None,
                policy: str = "free", confidence: str = "softmax_diff",
                threshold: float | str = 0.9, *, k_max: int = 8, sync: str = "any",
+               deep_buckets: Sequence[int] | None = None,
                rule: str = "per_row", kv: str = "propagate", oracle: str | None = None,
                schedule: str = "fixed", position_temp: float = 4.0,
                adaptive_config: BetaMixtureConfig | None = None, meta_params=None,
@@ -194,7 +201,13 @@ class EarlyExitEngine:
         raise ValueError(f"sync must be one of {SYNC_POLICIES}, got {sync!r}")
       if not isinstance(k_max, int) or k_max < 1:
         raise ValueError(f"k_max must be a positive int, got {k_max!r}")
-      self.spec = FreeSpec(self.exits[0], k_max, sync, adaptive)
+      if deep_buckets is not None:
+        deep_buckets = tuple(int(w) for w in deep_buckets)
+        if (not deep_buckets or deep_buckets[0] < 1 or deep_buckets[-1] != k_max + 1
+            or any(a >= b for a, b in zip(deep_buckets, deep_buckets[1:]))):
+          raise ValueError(f"deep_buckets must increase from >= 1 to k_max + 1 = "
+                           f"{k_max + 1}, e.g. (1, 2, 4, {k_max + 1}); got {deep_buckets}")
+      self.spec = FreeSpec(self.exits[0], k_max, sync, adaptive, deep_buckets)
     else:
       if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
@@ -283,7 +296,7 @@ class EarlyExitEngine:
     done = (tok == eos) if stop_at_eos else jnp.zeros((b,), bool)
     zero = jnp.int32(0)
     stats = {"deep_passes": zero, "kv_catchup_tokens": zero, "forced_syncs": zero,
-             "kv_filled_layers": zero}
+             "deep_chunk_width": zero, "kv_filled_layers": zero}
 
     def cond(st):
       return (st[0] < max_new) & ~jnp.all(st[4])
@@ -383,6 +396,7 @@ class EarlyExitEngine:
         deep_passes=int(stats["deep_passes"]),
         kv_catchup_tokens=int(stats["kv_catchup_tokens"]),
         forced_syncs=int(stats["forced_syncs"]),
+        deep_query_rows=int(stats["deep_chunk_width"]) * b,
         kv_filled_layers=int(stats["kv_filled_layers"]),
         pending_at_end=(np.asarray(pstate.pending_len).tolist() if pstate is not None
                         else [0] * b),

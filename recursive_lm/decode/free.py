@@ -33,6 +33,11 @@ Forced sync: an active, confident row whose buffer is full (``pending_len ==
 K_max``) triggers the deep pass; its token is still emitted from the shallow
 exit (it was confident). Counted in ``forced_syncs``.
 
+Chunk width: by default every deep pass runs ``K_max + 1`` queries per row
+(one compiled shape). ``buckets=(1, 2, 4, ..., K_max + 1)`` compiles one deep
+branch per width and picks the smallest width that holds the longest active
+``[pending; current]`` (``lax.switch``), so short flushes cost less compute.
+
 Adaptive threshold (FREE §2.1.5): at every deep pass, each active row with at
 least one pending token contributes its ``pending_len + 1`` pairs (shallow
 confidence, shallow argmax == deep argmax) to ``beta_mixture_update``; the
@@ -71,6 +76,13 @@ class FreeSpec:
   k_max: int = 8
   sync: str = "any"
   adaptive: BetaMixtureConfig | None = None
+  buckets: tuple[int, ...] | None = None
+
+  @property
+  def widths(self) -> tuple[int, ...]:
+    """Compiled deep-chunk widths; the pass uses the smallest one holding every
+    active row's [pending; current] (``lax.switch``). Default: k_max + 1 only."""
+    return self.buckets or (self.k_max + 1,)
 
 
 class FreeState(NamedTuple):
@@ -99,16 +111,20 @@ def _insert(buf: Array, plen: Array, x: Array) -> Array:
 
 
 def deep_pass(cfg: ModelConfig, params, spec: FreeSpec, cache, st: FreeState,
-              h_cur: Array, conf_cur: Array, arg_cur: Array, pos: Array, active: Array):
-  """Layers [e, L) on [pending; current] per row as one causal chunk.
+              h_cur: Array, conf_cur: Array, arg_cur: Array, pos: Array, active: Array,
+              width: int | None = None):
+  """Layers [e, L) on [pending; current] per row as one causal chunk of
+  ``width`` (static, default k_max + 1) queries; every active row needs
+  ``pending_len < width``.
 
   Returns (deep logits of the current token [B, V], cache, bmm state).
   """
-  b, k = st.pending_len.shape[0], spec.k_max
+  b = st.pending_len.shape[0]
+  width = width or spec.k_max + 1
   s = cache["block"][0][0].shape[2]
   plen = st.pending_len
-  j = jnp.arange(k + 1, dtype=jnp.int32)[None]
-  chunk = _insert(st.pending_h, plen, h_cur)                  # [B, K+1, D]
+  j = jnp.arange(width, dtype=jnp.int32)[None]
+  chunk = _insert(st.pending_h, plen, h_cur)[:, :width]       # [B, W, D]
   qpos = pos[:, None] - plen[:, None] + j                     # true positions
   valid = (j <= plen[:, None]) & active[:, None]
   slots = jnp.where(valid, qpos, s)                           # invalid: no write
@@ -118,10 +134,10 @@ def deep_pass(cfg: ModelConfig, params, spec: FreeSpec, cache, st: FreeState,
   bmm = st.bmm
   if spec.adaptive is None:
     return D.head(cfg, params, h[rows, plen]), cache, bmm
-  logits = D.head(cfg, params, h)                              # [B, K+1, V]
+  logits = D.head(cfg, params, h)                              # [B, W, V]
   deep_arg = jnp.argmax(logits, axis=-1)
-  s_arg = _insert(st.pending_arg, plen, arg_cur)
-  s_conf = _insert(st.pending_conf, plen, conf_cur)
+  s_arg = _insert(st.pending_arg, plen, arg_cur)[:, :width]
+  s_conf = _insert(st.pending_conf, plen, conf_cur)[:, :width]
   pairs = valid & (plen >= 1)[:, None]
   bmm, _ = beta_mixture_update(bmm, s_conf, s_arg == deep_arg, pairs, spec.adaptive)
   return logits[rows, plen], cache, bmm
@@ -155,14 +171,26 @@ def free_step(cfg: ModelConfig, params, spec: FreeSpec, conf_fn: Callable[[Array
     want_deep = active & ~jnp.all(exits | ~active)
   need = jnp.any(want_deep | (active & full))
 
-  def go_deep(cache, bmm):
-    return deep_pass(cfg, params, spec, cache, st._replace(bmm=bmm), h_e, conf, arg,
-                     pos, active)
+  def go_deep(width):
+    def run(cache, bmm):
+      return deep_pass(cfg, params, spec, cache, st._replace(bmm=bmm), h_e, conf, arg,
+                       pos, active, width)
+    return run
 
   def stay(cache, bmm):
     return jnp.zeros_like(logits_s), cache, bmm
 
-  deep_logits, cache, bmm = jax.lax.cond(need, go_deep, stay, cache, st.bmm)
+  widths = spec.widths
+  if len(widths) == 1:
+    deep_logits, cache, bmm = jax.lax.cond(need, go_deep(widths[0]), stay, cache, st.bmm)
+    width = jnp.where(need, widths[0], 0)
+  else:
+    longest = jnp.max(jnp.where(active, plen + 1, 1))
+    bucket = jnp.searchsorted(jnp.asarray(widths, jnp.int32), longest)
+    branch = jnp.where(need, 1 + bucket, 0)
+    deep_logits, cache, bmm = jax.lax.switch(
+        branch, [stay] + [go_deep(w) for w in widths], cache, st.bmm)
+    width = jnp.asarray((0,) + widths, jnp.int32)[branch]
   emit_deep = want_deep & need
   logits = jnp.where(emit_deep[:, None], deep_logits, logits_s)
 
@@ -180,6 +208,7 @@ def free_step(cfg: ModelConfig, params, spec: FreeSpec, conf_fn: Callable[[Array
       "deep_passes": need.astype(jnp.int32),
       "kv_catchup_tokens": jnp.where(need, jnp.sum(flushed), 0).astype(jnp.int32),
       "forced_syncs": (need & ~jnp.any(want_deep)).astype(jnp.int32),
+      "deep_chunk_width": width.astype(jnp.int32),
   }
   exit_idx = emit_deep.astype(jnp.int32)
   confs = jnp.stack([conf, jnp.full_like(conf, jnp.nan)], axis=-1)
