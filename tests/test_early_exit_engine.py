@@ -11,7 +11,8 @@ from recursive_lm.decode import depth as D
 from recursive_lm.decode.early_exit import EarlyExitEngine
 from recursive_lm.decode.engine import Engine
 from recursive_lm.decode.sampling import SamplingConfig
-from recursive_lm.early_exit.thresholds import BetaMixtureConfig
+from recursive_lm.api import LoadedModel
+from recursive_lm.early_exit.thresholds import BetaMixtureConfig, decaying_threshold
 from recursive_lm.nn.model import Transformer, init_cache, init_params
 
 INF = float("inf")
@@ -101,6 +102,7 @@ def test_never_exit_reproduces_full_decoding(rec, free, free_all, calm):
     assert all(i == len(eng.exits) - 1 for row in out.exit_index for i in row)
     assert out.avg_layers == cfg.plan.effective_depth
   assert free.generate(PROMPTS, N_NEW).deep_passes == N_NEW - 1
+  assert free.generate(PROMPTS, N_NEW, threshold=1.0).tokens == ref  # top-2 gap < 1
   for kw in (dict(policy="calm", rule="batch_min"),
              dict(policy="calm", oracle="cache")):
     assert EarlyExitEngine(cfg, params, threshold=INF, **kw).generate(
@@ -116,6 +118,10 @@ def test_vanilla_plan_with_chosen_exits():
   assert f.exits == (2, 4) and c.exits == (1, 3, 4)
   assert f.generate(PROMPTS, N_NEW).tokens == ref
   assert c.generate(PROMPTS, N_NEW).tokens == ref
+  # The batch-1 decode layout of api.LoadedModel.engine: fused [out, in] kernels.
+  fused = EarlyExitEngine(cfg, params, exits=[2], policy="free", threshold=INF, k_max=2,
+                          kernel_layout="out_in", fuse=True)
+  assert fused.generate(PROMPTS, N_NEW).tokens == ref
   # Exact deep KV after syncs on the vanilla plan too.
   out = f.generate(PROMPTS, N_NEW, threshold=MIXED, return_cache=True)
   _check_deep_kv(cfg, params, out)
@@ -313,6 +319,24 @@ def test_calm_oracle_noisy_cache(rec):
   _check_propagated(cfg, params, out)
 
 
+def test_decaying_threshold_uses_the_decode_position(rec):
+  """CALM's λ_t = 0.9λ + 0.1λ·exp(-τ t/N) with t the new token's index (the fix
+  of §4.2-ii); FREE-any exits exactly where conf >= λ_t."""
+  cfg, params, _ = rec
+  lam = MIXED
+  eng = EarlyExitEngine(cfg, params, policy="free", threshold=lam, k_max=3,
+                        schedule="decaying", position_temp=4.0)
+  out = eng.generate(PROMPTS, N_NEW)
+  lam_t = np.asarray(decaying_threshold(lam, jnp.arange(N_NEW), N_NEW, 4.0))
+  assert lam_t[1] < lam and np.all(np.diff(lam_t) < 0)
+  between = 0  # tokens a fixed λ would have kept deep
+  for idx, conf in zip(out.exit_index, out.confidence):
+    for t in range(1, N_NEW):
+      assert (idx[t] == 0) == (conf[t] >= lam_t[t])
+      between += lam_t[t] <= conf[t] < lam
+  assert between > 0
+
+
 # ---------------------------------------------------------------- engine
 def test_eos_stops_rows_independently(rec, free, calm):
   """Rows that hit EOS stop (no writes, no deep-pass triggers); the others are
@@ -366,6 +390,9 @@ def test_bad_options_have_clear_errors(rec):
   for kw, msg in bad:
     with pytest.raises(ValueError, match=msg):
       EarlyExitEngine(cfg, params, **kw)
+  eng = EarlyExitEngine.from_loaded(LoadedModel(cfg, params, None, "test"), policy="calm",
+                                    exits=[5])
+  assert eng.exits == (5, cfg.plan.effective_depth)
   van = tiny_config(plan=DepthPlan.vanilla(4))
   vp = init_params(van, seed=0)
   with pytest.raises(ValueError, match="pass exits"):
