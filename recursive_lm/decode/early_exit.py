@@ -336,7 +336,14 @@ class EarlyExitEngine:
     """Generates up to ``max_new_tokens`` per prompt (token id lists).
 
     ``threshold`` overrides the engine's λ for this call (no recompilation);
-    not allowed with the adaptive threshold.
+    not allowed with the adaptive threshold. ``return_cache`` keeps the final
+    KV cache and positions on the output (tests, analysis).
+
+    Timing: ``prefill_seconds``/``decode_seconds`` are wall-clock around the
+    jitted calls with ``block_until_ready``; the first call for a new shape
+    includes compilation, so benchmarks should call once to warm up.
+    ``steps`` counts new tokens produced (max over rows, the prefill token
+    included), i.e. decode steps + 1.
     """
     if not prompts:
       raise ValueError("generate() needs at least one prompt")
