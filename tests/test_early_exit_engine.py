@@ -280,6 +280,18 @@ def test_calm_propagates_the_exit_layer_state(rec, calm):
       cfg.plan.effective_depth - e0)
 
 
+def test_calm_per_row_exits_independent_of_batch(calm):
+  """Masked segment compute + in-loop propagation for rows that already exited
+  leave the other rows untouched: batch == each row alone."""
+  batch = calm.generate(PROMPTS, N_NEW, threshold=MIXED)
+  idx = np.array([row[1:] for row in batch.exit_index])
+  assert any(len(set(col)) > 1 for col in idx.T)  # rows left at different exits
+  for r, p in enumerate(PROMPTS):
+    alone = calm.generate([p], N_NEW, threshold=MIXED)
+    assert alone.tokens[0] == batch.tokens[r]
+    assert alone.exit_index[0] == batch.exit_index[r]
+
+
 def test_calm_batch_min_rule(rec):
   """CALM's original rule: the batch leaves at the first exit where its least
   confident row is confident; == full decoding when nothing exits."""
