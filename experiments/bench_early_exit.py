@@ -92,16 +92,17 @@ def held_out_token_docs(cfg, tok, n, length):
     return [rng.integers(2, cfg.vocab_size, length).tolist() for _ in range(n)]
   from recursive_lm.data import make_source
   src = make_source("pydoc", split="validation")
-  docs = []
+  # The held-out split as one stream (documents joined by EOS) cut into windows.
+  stream, docs = [], []
   for i in range(len(src)):
-    ids = tok.encode(src[i])
-    if len(ids) >= length:
-      docs.append(ids[:length])
+    stream += tok.encode(src[i]) + [cfg.eos_id if cfg.eos_id is not None else 0]
+    while len(stream) >= length and len(docs) < n:
+      docs.append(stream[:length])
+      stream = stream[length:]
     if len(docs) == n:
-      break
-  if len(docs) < n:
-    raise RuntimeError(f"only {len(docs)} held-out documents have {length} tokens")
-  return docs
+      return docs
+  raise RuntimeError(f"the held-out split has only {len(docs)} windows of {length} "
+                     f"tokens; lower --ppl_docs/--requests or --ppl_len")
 
 
 def exit_perplexity(cfg, params, docs, thresholds, conf_name):
