@@ -55,7 +55,7 @@ import numpy as np
 
 from recursive_lm.config import ModelConfig
 from recursive_lm.decode import depth as D
-from recursive_lm.decode.engine import _round_up, bucket_length, chunk_step
+from recursive_lm.decode.engine import _round_up, bucket_length, check_prompts, chunk_step
 from recursive_lm.decode.sampling import SamplingConfig, sample
 from recursive_lm.decode.speculative import normalize_cache
 from recursive_lm.early_exit import confidence as C
@@ -361,18 +361,4 @@ class DepthwiseBatcher:
                        lengths, seconds, prefill_s, steps, steps * self.slots, busy)
 
 
-def _check_requests(cfg: ModelConfig, prompts, max_new_tokens: int) -> list[int]:
-  if not prompts:
-    raise ValueError("generate() needs at least one prompt")
-  lengths = [len(p) for p in prompts]
-  if min(lengths) == 0:
-    raise ValueError("every prompt needs at least one token (got an empty prompt);"
-                     " add a BOS or any start token")
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  if max(lengths) + max_new_tokens > cfg.max_seq_len:
-    raise ValueError(
-        f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-        f"the model's max_seq_len {cfg.max_seq_len}; shorten the prompt or lower "
-        "max_new_tokens")
-  return lengths
+_check_requests = check_prompts  # the shared validation of decode/engine.py

@@ -49,7 +49,8 @@ import numpy as np
 from recursive_lm.config import ModelConfig
 from recursive_lm.decode import depth as D
 from recursive_lm.decode.calm import KV_POLICIES, ORACLES, RULES, CalmSpec, calm_step
-from recursive_lm.decode.engine import GenerateOutput, _round_up, bucket_length
+from recursive_lm.decode.engine import (GenerateOutput, _round_up, bucket_length,
+                                        check_prompts)
 from recursive_lm.decode.free import SYNC_POLICIES, FreeSpec, free_init, free_step
 from recursive_lm.decode.sampling import SamplingConfig, sample
 from recursive_lm.early_exit import confidence as C
@@ -345,19 +346,7 @@ class EarlyExitEngine:
     ``steps`` counts new tokens produced (max over rows, the prefill token
     included), i.e. decode steps + 1.
     """
-    if not prompts:
-      raise ValueError("generate() needs at least one prompt")
-    lengths = [len(p) for p in prompts]
-    if min(lengths) == 0:
-      raise ValueError("every prompt needs at least one token (got an empty prompt);"
-                       " add a BOS or any start token")
-    if max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if max(lengths) + max_new_tokens > self.cfg.max_seq_len:
-      raise ValueError(
-          f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-          f"the model's max_seq_len {self.cfg.max_seq_len}; shorten the prompt or "
-          "lower max_new_tokens")
+    lengths = check_prompts(self.cfg, prompts, max_new_tokens)
     if threshold is not None and self.adaptive is not None:
       raise ValueError("this engine uses the adaptive threshold; build one with a numeric "
                        "threshold to override it per call")

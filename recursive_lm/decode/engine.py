@@ -62,6 +62,25 @@ class GenerateOutput:
     return self.new_tokens / max(self.decode_seconds + self.prefill_seconds, 1e-9)
 
 
+def check_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]],
+                  max_new_tokens: int) -> list[int]:
+  """Validates a generate() request; returns the prompt lengths."""
+  if not prompts:
+    raise ValueError("generate() needs at least one prompt")
+  lengths = [len(p) for p in prompts]
+  if min(lengths) == 0:
+    raise ValueError("every prompt needs at least one token (got an empty prompt);"
+                     " add a BOS or any start token")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if max(lengths) + max_new_tokens > cfg.max_seq_len:
+    raise ValueError(
+        f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+        f"the model's max_seq_len {cfg.max_seq_len}; shorten the prompt or lower "
+        "max_new_tokens (--max_new_tokens)")
+  return lengths
+
+
 def chunk_step(model: Transformer, params, cache, tokens, positions, write_slots):
   """One model call in cache mode. Returns (logits [B, T, V], new cache)."""
   out = model.apply({"params": params}, tokens, positions=positions, cache=cache,
@@ -129,21 +148,9 @@ class Engine:
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
                sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
                stop_at_eos: bool = True) -> GenerateOutput:
-    if not prompts:
-      raise ValueError("generate() needs at least one prompt")
-    lengths = [len(p) for p in prompts]
-    if min(lengths) == 0:
-      raise ValueError("every prompt needs at least one token (got an empty prompt);"
-                       " add a BOS or any start token")
-    if max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    lengths = check_prompts(self.cfg, prompts, max_new_tokens)
     t = bucket_length(max(lengths))
     s = _round_up(t + max_new_tokens, 64)
-    if max(lengths) + max_new_tokens > self.cfg.max_seq_len:
-      raise ValueError(
-          f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-          f"the model's max_seq_len {self.cfg.max_seq_len}; shorten the prompt or "
-          "lower --max_new_tokens")
     tokens = np.full((len(prompts), t), self.pad_id, np.int32)
     for i, p in enumerate(prompts):
       tokens[i, :len(p)] = p

@@ -46,7 +46,7 @@ import numpy as np
 from recursive_lm.config import ModelConfig
 from recursive_lm.decode import depth as D
 from recursive_lm.decode.engine import (GenerateOutput, _round_up, bucket_length,
-                                        chunk_step)
+                                        check_prompts, chunk_step)
 from recursive_lm.decode.sampling import SamplingConfig, sample
 from recursive_lm.nn.model import (Transformer, fuse_projections, init_cache,
                                    to_kernel_layout)
@@ -295,19 +295,7 @@ class SelfSpeculativeEngine:
     Greedy ``sampling`` reproduces ``Engine`` greedy decoding exactly (up to
     float ties); sampling draws from the full model's processed distribution.
     """
-    if not prompts:
-      raise ValueError("generate() needs at least one prompt")
-    lengths = [len(p) for p in prompts]
-    if min(lengths) == 0:
-      raise ValueError("every prompt needs at least one token (got an empty prompt);"
-                       " add a BOS or any start token")
-    if max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if max(lengths) + max_new_tokens > self.cfg.max_seq_len:
-      raise ValueError(
-          f"prompt ({max(lengths)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-          f"the model's max_seq_len {self.cfg.max_seq_len}; shorten the prompt or "
-          "lower max_new_tokens")
+    lengths = check_prompts(self.cfg, prompts, max_new_tokens)
     t = bucket_length(max(lengths))
     # Drafts write up to d slots past the last kept token.
     s = _round_up(t + max_new_tokens + self.draft_len + 1, 64)
