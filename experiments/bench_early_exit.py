@@ -45,14 +45,17 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "A saved recursive model (export.save_model).")
 flags.DEFINE_string("out", "results", "Output folder.")
 flags.DEFINE_list("batches", ["1", "8", "32"], "Batch sizes for the engines.")
-flags.DEFINE_list("thresholds", ["inf", "0.9", "0.7", "0.5", "0.3"],
+flags.DEFINE_list("thresholds", ["inf", "0.5", "0.4", "0.3", "0.2"],
                   "Exit thresholds (confidence >= threshold exits; inf never exits).")
 flags.DEFINE_string("confidence", "softmax_max", "Confidence measure.")
 flags.DEFINE_integer("new_tokens", 32, "New tokens per row.")
 flags.DEFINE_integer("prompt_len", 48, "Prompt tokens per row.")
 flags.DEFINE_integer("ppl_docs", 16, "Held-out documents for exit perplexity.")
 flags.DEFINE_integer("ppl_len", 256, "Tokens per document for exit perplexity.")
-flags.DEFINE_list("draft_lens", ["2", "4", "6"], "Self-speculation draft lengths.")
+flags.DEFINE_list("draft_lens", ["2", "4"], "Self-speculation draft lengths.")
+flags.DEFINE_list("free_buckets", ["1", "2", "4", "9"],
+                  "FREE deep-chunk widths compiled as lax.switch branches (last = "
+                  "k_max + 1 = 9); empty: always the full width.")
 flags.DEFINE_integer("requests", 48, "Requests served by the batching comparison.")
 flags.DEFINE_integer("slots", 16, "Slots of the batching comparison.")
 flags.DEFINE_integer("repeats", 3, "Timed repeats per figure (median).")
@@ -175,7 +178,7 @@ def main(_):
   from recursive_lm.decode.speculative import SelfSpeculativeEngine
 
   if FLAGS.quick:
-    FLAGS.batches, FLAGS.draft_lens = ["1", "4"], ["2"]
+    FLAGS.batches, FLAGS.draft_lens, FLAGS.free_buckets = ["1", "4"], ["2"], ["1", "9"]
     FLAGS.thresholds = ["inf", "0.05"]
     FLAGS.new_tokens, FLAGS.prompt_len, FLAGS.ppl_docs, FLAGS.ppl_len = 8, 8, 4, 32
     FLAGS.requests, FLAGS.slots, FLAGS.repeats = 6, 4, 1
@@ -221,8 +224,11 @@ def main(_):
                            "avg_layers": cfg.plan.effective_depth, "speedup": 1.0})
     print(res["engines"][-1], flush=True)
     for policy in ("free", "calm"):
+      extra = {}
+      if policy == "free" and FLAGS.free_buckets:
+        extra["deep_buckets"] = [int(w) for w in FLAGS.free_buckets]
       eng = EarlyExitEngine(cfg, params, policy=policy, confidence=FLAGS.confidence,
-                            threshold=thresholds[0])
+                            threshold=thresholds[0], **extra)
       for thr in thresholds:
         eng_thr = lambda: eng.generate(prompts, FLAGS.new_tokens, stop_at_eos=False,
                                        threshold=thr)
