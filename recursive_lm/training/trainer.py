@@ -121,6 +121,13 @@ def validate_config(config) -> None:
   need("model_dtype", lambda v: v in DTYPES, f"choose from {DTYPES}")
   need("remat", lambda v: v in ("none", "full") or hasattr(jax.checkpoint_policies, v),
        "use 'none', 'full' or a jax.checkpoint_policies name")
+  rnode = _router_node(config)
+  if rnode is not None:
+    from recursive_lm.mor.convert import router_problems
+    p += router_problems(rnode, config.convert.get("loops"))
+    if config.loss.get("exit") is not None:
+      p.append("config.loss.exit with config.convert.router: exit losses need the "
+               "per-loop states, which MoR routing does not expose; drop one of them")
   budget = config.train.get("time_budget_s") if "train" in config else None
   if budget is not None and budget <= 0:
     p.append(f"config.train.time_budget_s={budget!r}: use seconds > 0, or None")
@@ -131,6 +138,15 @@ def validate_config(config) -> None:
     loss_config(config)
   except ValueError as e:
     raise ConfigError(f"invalid uptrain config: {e}") from e
+
+
+def _router_node(config):
+  """``config.convert.router`` as a dict, or None (no MoR router)."""
+  node = config.get("convert", {}).get("router") if "convert" in config else None
+  if node is None:
+    return None
+  node = node.to_dict() if hasattr(node, "to_dict") else dict(node)
+  return node or None
 
 
 def optim_config(config, warn: bool = True) -> OptimConfig:
@@ -199,8 +215,14 @@ def _student(config, ck):
           "at the checkpoint the student was converted from")
     return cfg, params
   cv = config.convert
-  return convert(ck.config, ck.weights, cv.loops, cv.sharing, cv.init,
-                 cv.lora_rank or None, cv.nondivisible, config.seed)
+  cfg, params = convert(ck.config, ck.weights, cv.loops, cv.sharing, cv.init,
+                        cv.lora_rank or None, cv.nondivisible, config.seed)
+  rnode = _router_node(config)
+  if rnode is not None:  # Mixture-of-Recursions uptraining (recursive_lm.mor.convert)
+    from recursive_lm.mor.convert import add_router, router_config
+    cfg, params = add_router(cfg, params, router_config(rnode), config.seed,
+                             rnode.get("init_std", 0.001))
+  return cfg, params
 
 
 def _exit_evaluator(cfg, lcfg, p_sh, b_sh, rep, val) -> Callable[[Any], dict]:
@@ -281,7 +303,13 @@ def _train(config, hooks: Sequence[Hook], guard: C.PreemptionGuard, t_start: flo
   cfg, s_params = _student(config, ck)
   cfg = cfg.replace(dtype=config.model_dtype, remat=config.remat)
   t_params = params_from_hf(ck.config, ck.weights)
-  student_unique, teacher_unique = unique_param_count(cfg), unique_param_count(teacher_cfg)
+  mor = cfg.router is not None
+  if mor:
+    from recursive_lm.mor import convert as mor_convert
+    from recursive_lm.mor.train import make_mor_train_step
+  student_unique = unique_param_count(cfg) + (
+      mor_convert.router_param_count(cfg) if mor else 0)
+  teacher_unique = unique_param_count(teacher_cfg)
   logging.info("teacher %s: %s params\nstudent:\n%s", ck.source, f"{teacher_unique:,}",
                describe(cfg))
   encode, eos_id = _encoder(config, ck)
@@ -319,10 +347,13 @@ def _train(config, hooks: Sequence[Hook], guard: C.PreemptionGuard, t_start: flo
   del s_params
   use_teacher = lcfg.kd_weight != 0
   rep = S.replicated(mesh)
-  s_eval = jax.jit(make_eval_step(cfg), in_shardings=(p_sh, b_sh), out_shardings=(rep, rep))
+  s_eval = jax.jit(mor_convert.make_eval_fn(cfg) if mor else make_eval_step(cfg),
+                   in_shardings=(p_sh, b_sh), out_shardings=(rep, rep))
   t_eval = jax.jit(make_eval_step(teacher_cfg), in_shardings=(t_sh, b_sh),
                    out_shardings=(rep, rep))
   x_eval = _exit_evaluator(cfg, lcfg, p_sh, b_sh, rep, val)  # {} without exits
+  if mor:  # causal-routing NLL + router metrics (validate_config excludes exits)
+    x_eval = mor_convert.make_router_evaluator(cfg, p_sh, b_sh, rep, val)
 
   # -- resume --------------------------------------------------------------------
   tr = config.train
@@ -350,7 +381,8 @@ def _train(config, hooks: Sequence[Hook], guard: C.PreemptionGuard, t_start: flo
   meta = {"model_config": model_id, "facts": facts, "config": config.to_dict()}
 
   # -- compile -------------------------------------------------------------------
-  step_fn = jit_train_step(make_train_step(cfg, ocfg, lcfg, teacher_cfg), mesh, st_sh,
+  make_step = make_mor_train_step if mor else make_train_step
+  step_fn = jit_train_step(make_step(cfg, ocfg, lcfg, teacher_cfg), mesh, st_sh,
                            t_sh if use_teacher else None, b_sh)
   teacher_arg = t_params if use_teacher else None
   t0 = time.perf_counter()

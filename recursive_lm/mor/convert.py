@@ -1,0 +1,153 @@
+"""MoR uptraining: add a router to a student converted from a pretrained model.
+
+``training.trainer.train`` calls these when ``config.convert.router`` is set
+(experiments/configs/mor_uptrain_smollm2.py):
+
+* :func:`router_config` - ``RouterConfig`` from the config node, with every
+  problem reported as a ``ConfigError`` that names the fix;
+* :func:`add_router` - ``cfg.replace(router=...)`` plus freshly initialised
+  router params (``params["router"]``); the converted block / LoRA params are
+  kept as they are;
+* :func:`router_param_count` - router parameters (``unique_param_count`` of
+  ``recursive.convert`` counts the recursive model only);
+* :func:`make_router_evaluator` - held-out NLL with causal (threshold) routing
+  and the top-k router metrics, logged next to the student's top-k perplexity.
+
+Router init: the paper's linear router is N(0, 0.02) with the gate
+0.1 * sigmoid(z) on a residual-inclusive update (spec §2.2), which is a
+from-scratch recipe: on a converted pretrained block it scales every routed
+token's block output by ~1.05 and its block delta by ~0.05 and destroys the
+pretrained function. For uptraining, the default config uses the MoD-style
+``gating="delta"`` (h + g * (F(h) - h)) with ``alpha=2`` and a small
+``init_std``, so g = 2 * sigmoid(z) ~= 1 at init: every token that is routed
+through a recursion computes what the converted recursive model computes, and
+the only change at init is that 1/3 (2/3) of the tokens skip recursion 2 (3).
+``init_std`` rescales the RouterBank's N(0, 0.02) draw (``init_std=0.02`` is
+the paper's); ``init_std=0`` gives zero router weights (ties in top-k).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import jax
+import flax.linen as nn
+
+from recursive_lm.config import (ROUTER_GATES, ROUTER_GATING, ROUTER_IMPLS, ROUTER_KINDS,
+                                 ROUTER_KV, ROUTER_TYPES, ConfigError, ModelConfig,
+                                 RouterConfig)
+
+_ROUTER_STD = 0.02  # RouterBank's normal init
+_CHOICES = {"kind": ROUTER_KINDS, "router_type": ROUTER_TYPES, "gate": ROUTER_GATES,
+            "gating": ROUTER_GATING, "kv": ROUTER_KV, "impl": ROUTER_IMPLS}
+EXTRA_KEYS = ("init_std",)
+
+
+def router_problems(node: Mapping[str, Any], loops: int | None = None) -> list[str]:
+  """Every problem with ``config.convert.router`` (empty list: fine)."""
+  p = []
+  fields = set(RouterConfig.__dataclass_fields__)
+  for k, v in dict(node).items():
+    if k not in fields and k not in EXTRA_KEYS:
+      p.append(f"config.convert.router.{k} is not a router setting; valid keys: "
+               f"{sorted(fields | set(EXTRA_KEYS))}")
+    elif k in _CHOICES and v not in _CHOICES[k]:
+      p.append(f"config.convert.router.{k}={v!r}: choose from {_CHOICES[k]}")
+  std = node.get("init_std", 0.001)
+  if not isinstance(std, (int, float)) or std < 0:
+    p.append(f"config.convert.router.init_std={std!r}: use a float >= 0 (0.02 is the "
+             "paper's N(0, 0.02); the uptraining default is 0.001)")
+  caps = node.get("capacities")
+  if caps is not None and loops is not None and len(caps) != loops:
+    p.append(f"config.convert.router.capacities has {len(caps)} entries but "
+             f"config.convert.loops={loops}; give one capacity per loop, or None for "
+             "the default (N_r - r + 1) / N_r")
+  if not p:
+    try:
+      router_config(node)
+    except ConfigError as e:
+      p.append(f"config.convert.router: {e}")
+  return p
+
+
+def router_config(node: Mapping[str, Any]) -> RouterConfig:
+  """``RouterConfig`` from a config node (``init_std`` dropped)."""
+  kw = {k: v for k, v in dict(node).items() if k not in EXTRA_KEYS}
+  for k in ("capacities", "decode_thresholds"):
+    if kw.get(k) is not None:
+      kw[k] = tuple(float(c) for c in kw[k])
+  return RouterConfig(**kw)
+
+
+def init_router_params(cfg: ModelConfig, seed: int = 0, init_std: float = 0.001
+                       ) -> dict:
+  """Fresh router params of ``cfg.router`` (the tree under ``params["router"]``)."""
+  from recursive_lm.mor.routers import RouterBank  # pylint: disable=g-import-not-at-top
+  if cfg.router is None:
+    raise ValueError("init_router_params needs cfg.router")
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x4D6F52)  # "MoR"
+  p = nn.unbox(RouterBank(cfg).init(key)["params"])
+  scale = init_std / _ROUTER_STD
+  return {k: (v if k == "bias" else v * scale) for k, v in p.items()}
+
+
+def add_router(cfg: ModelConfig, params: Mapping, router: RouterConfig,
+               seed: int = 0, init_std: float = 0.001) -> tuple[ModelConfig, dict]:
+  """``(cfg with router, params + fresh params["router"])``; other params kept."""
+  if cfg.router is not None:
+    raise ConfigError("the student already has a router (e.g. config.init_from is a "
+                      "MoR model); drop config.convert.router to keep it")
+  if "router" in params:
+    raise ConfigError("the student's params already hold a 'router' entry")
+  mcfg = cfg.replace(router=router, name=f"{cfg.name}-mor-{router.kind}")
+  return mcfg, {**params, "router": init_router_params(mcfg, seed, init_std)}
+
+
+def router_param_count(cfg: ModelConfig) -> int:
+  """Number of router parameters of ``cfg`` (0 without a router)."""
+  if cfg.router is None:
+    return 0
+  from recursive_lm.mor.routers import RouterBank  # pylint: disable=g-import-not-at-top
+  shapes = jax.eval_shape(lambda: nn.unbox(RouterBank(cfg).init(jax.random.PRNGKey(0))))
+  return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)))
+
+
+def make_eval_fn(cfg: ModelConfig, routing: str | None = None) -> Callable:
+  """``(params, batch) -> (sum NLL, n)`` of the MoR eval step (router metrics
+  dropped): the trainer's ``make_eval_step`` contract."""
+  from recursive_lm.mor.train import make_mor_eval_step  # pylint: disable=g-import-not-at-top
+  step = make_mor_eval_step(cfg, routing)
+  return lambda params, batch: step(params, batch)[:2]
+
+
+def make_router_evaluator(cfg: ModelConfig, p_sh, b_sh, rep, batches
+                          ) -> Callable[[Any], dict]:
+  """``params -> dict``: held-out NLL/ppl with causal routing
+  (``causal_nll``/``causal_ppl``; expert: sigma(z) > 0.5, token: argmax) and
+  the top-k forward's router metrics averaged over ``batches``
+  (``router_eval/...``: occupancy, sampling accuracy, dead-token ratio, MaxVio)."""
+  from recursive_lm.mor.train import make_mor_eval_step  # pylint: disable=g-import-not-at-top
+  topk = jax.jit(make_mor_eval_step(cfg), in_shardings=(p_sh, b_sh), out_shardings=rep)
+  causal = jax.jit(make_mor_eval_step(cfg, "threshold"), in_shardings=(p_sh, b_sh),
+                   out_shardings=rep)
+
+  def evaluate(params) -> dict:
+    nll = n = 0.0
+    sums: dict[str, float] = {}
+    for b in batches:
+      s, c, _ = causal(params, b)
+      nll, n = nll + float(s), n + float(c)
+      _, _, rm = topk(params, b)
+      for k, v in jax.device_get(rm).items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+    out = {f"router_eval/{k.split('/', 1)[-1]}": v / len(batches) for k, v in sums.items()}
+    if n:
+      out.update(causal_nll=nll / n, causal_ppl=math.exp(nll / n))
+    return out
+
+  return evaluate
+
+
+__all__ = ["EXTRA_KEYS", "add_router", "init_router_params", "make_eval_fn",
+           "make_router_evaluator", "router_config", "router_param_count",
+           "router_problems"]
