@@ -85,6 +85,8 @@ def test_end_to_end(reference):
   assert cfg.router == RouterConfig(kind="expert", gate="sigmoid", alpha=2.0,
                                     gating="delta", kv="recursion", aux_loss=0.001)
   assert cfg.plan.prelude == cfg.plan.coda == 1 and cfg.plan.loops == 2
+  from recursive_lm.recursive.convert import describe
+  assert "sharing: middle_cycle" in describe(cfg) and "init: stepwise" in describe(cfg)
   assert set(params["router"]) == {"w"} and params["router"]["w"].shape == (2, 32)
   assert s["student"]["unique_params"] == unique_param_count(cfg) + 64
   # the loss decreases; KD against the teacher is on

@@ -75,7 +75,7 @@ _GROUP = {"q": "attn", "k": "attn", "v": "attn", "o": "attn",
           "gate": "mlp", "up": "mlp", "down": "mlp"}
 _NORM = {"q": "attn_norm", "k": "attn_norm", "v": "attn_norm",
          "gate": "mlp_norm", "up": "mlp_norm"}
-_TAG = re.compile(r"\+rrt-(?P<sharing>[a-z_]+)-(?P<init>[a-z]+)(?:-(?P<nd>select|add))?$")
+_TAG = re.compile(r"\+rrt-(?P<sharing>[a-z_]+)-(?P<init>[a-z]+)(?:-(?P<nd>select|add))?(?:-mor-[a-z]+)?$")
 
 
 class Step(NamedTuple):
