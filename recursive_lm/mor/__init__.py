@@ -7,6 +7,8 @@
   loss-free bias update, router metrics.
 * :mod:`flops` - the paper's FLOP accounting; :mod:`presets` - paper shapes.
 * :mod:`decode` - causal MoR generation and threshold calibration.
+* :mod:`convert` - add a fresh router to a converted pretrained student
+  (MoR uptraining via ``training.trainer``, ``config.convert.router``).
 
 Configure with ``ModelConfig(router=RouterConfig(...))``; the model class is
 the one ``recursive_lm.nn.model.Transformer``.

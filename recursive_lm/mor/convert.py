@@ -22,8 +22,13 @@ pretrained function. For uptraining, the default config uses the MoD-style
 ``init_std``, so g = 2 * sigmoid(z) ~= 1 at init: every token that is routed
 through a recursion computes what the converted recursive model computes, and
 the only change at init is that 1/3 (2/3) of the tokens skip recursion 2 (3).
+The logit is z = w . h, so std(z) ~= init_std * |h|: SmolLM2's hidden states
+after layer 0 have |h| ~ 1e3, and ``init_std=0.001`` gives RMS z ~= 1 there
+(g in ~[0.5, 1.5], measured; results/mor.md), not g ~= 1; use ~1e-5 for that.
 ``init_std`` rescales the RouterBank's N(0, 0.02) draw (``init_std=0.02`` is
 the paper's); ``init_std=0`` gives zero router weights (ties in top-k).
+Known issue (results/mor.md): with ``delta`` gating the router can learn
+g -> 0, i.e. switch the deeper recursions off.
 """
 from __future__ import annotations
 
