@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import uptrain_smollm2  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 from recursive_lm.training.exit_losses import ExitLossConfig  # noqa: E402
+from recursive_lm.config_variants import parse_variants
 
 VARIANTS = {
     "loss": ("aggressive", str), "c": (0.1, float), "self_kd": (1.0, float),
@@ -55,30 +56,7 @@ _NAME_KEYS = ("loss", "c", "self_kd", "aggregation", "align", "curriculum",
 
 def parse_arg(arg: str | None) -> dict:
   """``"loss=aggressive,c=0.1"`` -> typed dict over ``VARIANTS`` defaults."""
-  out = {k: d for k, (d, _) in VARIANTS.items()}
-  out["_set"] = []
-  for item in (arg or "").split(","):
-    item = item.strip()
-    if not item:
-      continue
-    if "=" not in item:
-      raise ValueError(f"config variant {item!r} is not key=value; write e.g. "
-                       f"'exit_smollm2.py:loss=aggressive,c=0.1'. Keys: {sorted(VARIANTS)}")
-    key, value = (s.strip() for s in item.split("=", 1))
-    if key not in VARIANTS:
-      raise ValueError(f"unknown config variant key {key!r} in {arg!r}; valid keys: "
-                       f"{sorted(VARIANTS)}")
-    typ = VARIANTS[key][1]
-    try:
-      if value.lower() == "none" and VARIANTS[key][0] is None:
-        out[key] = None
-      else:
-        out[key] = typ(float(value)) if typ is int else typ(value)
-    except ValueError:
-      raise ValueError(f"config variant {key}={value!r}: expected "
-                       f"{typ.__name__}") from None
-    out["_set"].append(key)
-  return out
+  return parse_variants(arg, VARIANTS, 'exit_smollm2.py:loss=aggressive,c=0.1')
 
 
 def variant_name(a: dict) -> str:

@@ -41,6 +41,7 @@ from ml_collections import config_dict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import uptrain_smollm2  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from recursive_lm.config_variants import parse_variants
 
 VARIANTS = {
     "router": ("expert", str), "kv": ("recursion", str), "loops": (3, int),
@@ -57,31 +58,7 @@ _NAME_KEYS = ("router", "kv", "loops", "sharing", "rank", "gating", "alpha",
 
 def parse_arg(arg: str | None) -> dict:
   """``"router=expert,loops=3"`` -> typed dict over ``VARIANTS`` defaults."""
-  out = {k: d for k, (d, _) in VARIANTS.items()}
-  out["_set"] = []
-  for item in (arg or "").split(","):
-    item = item.strip()
-    if not item:
-      continue
-    if "=" not in item:
-      raise ValueError(f"config variant {item!r} is not key=value; write e.g. "
-                       f"'mor_uptrain_smollm2.py:router=expert,loops=3'. "
-                       f"Keys: {sorted(VARIANTS)}")
-    key, value = (s.strip() for s in item.split("=", 1))
-    if key not in VARIANTS:
-      raise ValueError(f"unknown config variant key {key!r} in {arg!r}; valid keys: "
-                       f"{sorted(VARIANTS)}")
-    typ = VARIANTS[key][1]
-    try:
-      if value.lower() == "none" and VARIANTS[key][0] is None:
-        out[key] = None
-      else:
-        out[key] = typ(float(value)) if typ is int else typ(value)
-    except ValueError:
-      raise ValueError(f"config variant {key}={value!r}: expected "
-                       f"{typ.__name__}") from None
-    out["_set"].append(key)
-  return out
+  return parse_variants(arg, VARIANTS, 'mor_uptrain_smollm2.py:router=expert,loops=3')
 
 
 def variant_name(a: dict) -> str:

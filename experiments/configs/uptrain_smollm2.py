@@ -30,6 +30,7 @@ from ml_collections import config_dict
 
 from recursive_lm.recursive.convert import INITS, SHARINGS
 from recursive_lm.training.losses import KD_KINDS
+from recursive_lm.config_variants import parse_variants
 
 # Variant key -> (default, type). None default: parsed as float, stays optional.
 VARIANTS = {
@@ -46,29 +47,7 @@ def parse_arg(arg: str | None) -> dict:
   Raises:
     ValueError: unknown key, malformed item, or a value of the wrong type.
   """
-  out = {k: d for k, (d, _) in VARIANTS.items()}
-  for item in (arg or "").split(","):
-    item = item.strip()
-    if not item:
-      continue
-    if "=" not in item:
-      raise ValueError(
-          f"config variant {item!r} is not key=value; write e.g. "
-          f"'uptrain_smollm2.py:loops=2,steps=200'. Keys: {sorted(VARIANTS)}")
-    key, value = (s.strip() for s in item.split("=", 1))
-    if key not in VARIANTS:
-      raise ValueError(f"unknown config variant key {key!r} in {arg!r}; valid keys: "
-                       f"{sorted(VARIANTS)}")
-    typ = VARIANTS[key][1]
-    try:
-      if value.lower() == "none" and VARIANTS[key][0] is None:
-        out[key] = None
-      else:
-        out[key] = typ(float(value)) if typ is int and "e" in value.lower() else typ(value)
-    except ValueError:
-      raise ValueError(f"config variant {key}={value!r}: expected "
-                       f"{typ.__name__}") from None
-  return out
+  return parse_variants(arg, VARIANTS, 'uptrain_smollm2.py:loops=2,steps=200')
 
 
 def check_variants(a: dict) -> None:
