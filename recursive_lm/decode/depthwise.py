@@ -55,7 +55,8 @@ import numpy as np
 
 from recursive_lm.config import ModelConfig
 from recursive_lm.decode import depth as D
-from recursive_lm.decode.engine import _round_up, bucket_length, check_prompts, chunk_step
+from recursive_lm.decode.engine import (_round_up, bucket_length, check_prompts,
+                                        chunk_step, token_ids)
 from recursive_lm.decode.sampling import SamplingConfig, sample
 from recursive_lm.decode.speculative import normalize_cache
 from recursive_lm.early_exit import confidence as C
@@ -187,8 +188,7 @@ class DepthwiseBatcher:
       raise ValueError(f"slots must be >= 1, got {slots}")
     self.cfg, self.params, self.slots, self.exit = cfg, params, int(slots), exit
     self.model = Transformer(cfg)
-    self.eos_id = cfg.eos_id if eos_id is None else eos_id
-    self.pad_id = (cfg.pad_id if cfg.pad_id is not None else 0) if pad_id is None else pad_id
+    self.eos_id, self.pad_id = token_ids(cfg, eos_id, pad_id)
 
   # Instances with the same static settings share compiled code (the threshold
   # and params are traced arguments).

@@ -50,7 +50,7 @@ from recursive_lm.config import ModelConfig
 from recursive_lm.decode import depth as D
 from recursive_lm.decode.calm import KV_POLICIES, ORACLES, RULES, CalmSpec, calm_step
 from recursive_lm.decode.engine import (GenerateOutput, _round_up, bucket_length,
-                                        check_prompts)
+                                        check_prompts, token_ids)
 from recursive_lm.decode.free import SYNC_POLICIES, FreeSpec, free_init, free_step
 from recursive_lm.decode.sampling import SamplingConfig, sample
 from recursive_lm.early_exit import confidence as C
@@ -229,8 +229,7 @@ class EarlyExitEngine:
     self.threshold = float(threshold)
     self.adaptive = adaptive
     self.model = Transformer(cfg)
-    self.eos_id = cfg.eos_id if eos_id is None else eos_id
-    self.pad_id = (cfg.pad_id if cfg.pad_id is not None else 0) if pad_id is None else pad_id
+    self.eos_id, self.pad_id = token_ids(cfg, eos_id, pad_id)
     self._conf = self._make_conf(conf_fn, measure, meta_params)
     self.bmm_state = beta_mixture_init(adaptive or BetaMixtureConfig())
     self.trace_count = 0

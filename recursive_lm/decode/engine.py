@@ -88,6 +88,25 @@ def chunk_step(model: Transformer, params, cache, tokens, positions, write_slots
   return out["logits"], out["cache"]
 
 
+def prefill_step(model: Transformer, params, cache, tokens, lengths):
+  """Full-depth prefill of right-padded prompts [B, T] with per-row ``lengths``.
+  Returns (logits at each row's last prompt token [B, V], new cache)."""
+  b, t = tokens.shape
+  s = cache["block"][0][0].shape[2]
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  slots = jnp.where(pos < lengths[:, None], pos, s)  # pads write nothing
+  logits, cache = chunk_step(model, params, cache, tokens, pos, slots)
+  last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+  return last, cache
+
+
+def token_ids(cfg: ModelConfig, eos_id: int | None, pad_id: int | None):
+  """(eos, pad): the given ids, else the checkpoint's (pad defaults to 0)."""
+  eos = cfg.eos_id if eos_id is None else eos_id
+  pad = (cfg.pad_id if cfg.pad_id is not None else 0) if pad_id is None else pad_id
+  return eos, pad
+
+
 class Engine:
   """Batched generation for one model and parameter set."""
 
@@ -101,21 +120,14 @@ class Engine:
     self.cfg = cfg
     self.params = params
     self.model = Transformer(cfg)
-    self.eos_id = cfg.eos_id if eos_id is None else eos_id
-    self.pad_id = (cfg.pad_id if cfg.pad_id is not None else 0) if pad_id is None else pad_id
+    self.eos_id, self.pad_id = token_ids(cfg, eos_id, pad_id)
     self._prefill = jax.jit(self._prefill_impl)
     self._generate = jax.jit(self._generate_impl,
                              static_argnames=("max_new", "sampling", "stop_at_eos"))
 
   # -- jitted pieces -----------------------------------------------------------
   def _prefill_impl(self, params, cache, tokens, lengths):
-    b, t = tokens.shape
-    s = cache["block"][0][0].shape[2]
-    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    slots = jnp.where(pos < lengths[:, None], pos, s)  # pads write nothing
-    logits, cache = chunk_step(self.model, params, cache, tokens, pos, slots)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    return last, cache
+    return prefill_step(self.model, params, cache, tokens, lengths)
 
   def _generate_impl(self, params, cache, last_logits, lengths, rng, max_new,
                      sampling, stop_at_eos):

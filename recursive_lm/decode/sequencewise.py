@@ -32,7 +32,7 @@ from recursive_lm.decode import depth as D
 from recursive_lm.decode.depthwise import (BatchOutput, DepthwiseBatcher, ExitPolicy, _check_requests,
                                            check_recursive, exit_confidence,
                                            fill_skipped_kv)
-from recursive_lm.decode.engine import _round_up, bucket_length, chunk_step
+from recursive_lm.decode.engine import _round_up, bucket_length, chunk_step, token_ids
 from recursive_lm.decode.sampling import SamplingConfig, sample
 from recursive_lm.decode.speculative import normalize_cache
 from recursive_lm.early_exit.thresholds import should_exit
@@ -54,8 +54,7 @@ class SequenceBatcher:
       raise ValueError(f"slots must be >= 1, got {slots}")
     self.cfg, self.params, self.slots, self.exit = cfg, params, int(slots), exit
     self.model = Transformer(cfg)
-    self.eos_id = cfg.eos_id if eos_id is None else eos_id
-    self.pad_id = (cfg.pad_id if cfg.pad_id is not None else 0) if pad_id is None else pad_id
+    self.eos_id, self.pad_id = token_ids(cfg, eos_id, pad_id)
 
   # Instances with the same static settings share compiled code.
   _static_key = DepthwiseBatcher._static_key

@@ -46,7 +46,8 @@ import numpy as np
 from recursive_lm.config import ModelConfig
 from recursive_lm.decode import depth as D
 from recursive_lm.decode.engine import (GenerateOutput, _round_up, bucket_length,
-                                        check_prompts, chunk_step)
+                                        check_prompts, prefill_step,
+                                        token_ids)
 from recursive_lm.decode.sampling import SamplingConfig, sample
 from recursive_lm.nn.model import (Transformer, fuse_projections, init_cache,
                                    to_kernel_layout)
@@ -158,20 +159,14 @@ class SelfSpeculativeEngine:
       cfg, params = fuse_projections(cfg, params)
     self.cfg, self.params = cfg, params
     self.model = Transformer(cfg)
-    self.eos_id = cfg.eos_id if eos_id is None else eos_id
-    self.pad_id = (cfg.pad_id if cfg.pad_id is not None else 0) if pad_id is None else pad_id
+    self.eos_id, self.pad_id = token_ids(cfg, eos_id, pad_id)
     self._prefill = jax.jit(self._prefill_impl)
     self._generate = jax.jit(self._generate_impl,
                              static_argnames=("max_new", "sampling", "stop_at_eos"))
 
   # -- jitted pieces -----------------------------------------------------------
   def _prefill_impl(self, params, cache, tokens, lengths):
-    b, t = tokens.shape
-    s = cache["block"][0][0].shape[2]
-    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    slots = jnp.where(pos < lengths[:, None], pos, s)
-    logits, cache = chunk_step(self.model, params, cache, tokens, pos, slots)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    last, cache = prefill_step(self.model, params, cache, tokens, lengths)
     return last, normalize_cache(cache)
 
   def _draft(self, params, cache, u, pos, done, keys, sampling):
