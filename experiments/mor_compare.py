@@ -133,6 +133,25 @@ def _decode_speed(cfg, params, prompts):
   return best
 
 
+def _depthwise_speed(cfg, params, prompts):
+  """End-to-end serving tokens/s through continuous depth-wise batching (4x as
+  many requests as slots; prefill, refill and head included). None for a
+  vanilla model (nothing to batch depth-wise)."""
+  if cfg.plan.loops < 2:
+    return None
+  from recursive_lm.decode.depthwise import DepthwiseBatcher
+  from recursive_lm.mor.depthwise import MoRDepthwiseBatcher
+  cls = MoRDepthwiseBatcher if cfg.router is not None else DepthwiseBatcher
+  bat = cls(cfg, params, slots=len(prompts))
+  reqs = list(prompts) * 4
+  bat.generate(reqs, max_new_tokens=FLAGS.decode_new, stop_at_eos=False)  # compile
+  best = None
+  for _ in range(2):
+    out = bat.generate(reqs, max_new_tokens=FLAGS.decode_new, stop_at_eos=False)
+    best = max(best or 0.0, out.tokens_per_second)
+  return best
+
+
 def run_model(name, encode, eos, vocab, val, prompts, budget):
   cfg = model_config(name, vocab)
   t, b = FLAGS.seq_len, FLAGS.batch
@@ -179,6 +198,7 @@ def run_model(name, encode, eos, vocab, val, prompts, budget):
   else:
     res["nll_causal"] = nll
   res["decode_tokens_per_s"] = _decode_speed(cfg, state.params, prompts)
+  res["depthwise_tokens_per_s"] = _depthwise_speed(cfg, state.params, prompts)
   writer.write(steps, "eval", {"nll": res["nll"], "nll_causal": res["nll_causal"],
                                **{k: v for k, v in rm.items()}})
   writer.close()
@@ -193,8 +213,8 @@ def _table(results, cmd, date):
            f"N_r={FLAGS.n_r}, seq {FLAGS.seq_len}, batch {FLAGS.batch}", "",
            "| model | unique params (non-emb) | train FLOPs | tokens | steps | "
            "train s | held-out NLL (top-k) | held-out NLL (causal) | decode tok/s | "
-           "router |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "depth-wise serving tok/s | router |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in results:
     ro = r.get("router_eval", {})
     if "router/dead_token_ratio" in ro:
@@ -205,11 +225,13 @@ def _table(results, cmd, date):
             f"MaxVio {ro['router/max_vio']:.2f}")
     else:
       rs = "-"
+    dw = (f"{r['depthwise_tokens_per_s']:.0f}"
+          if r.get("depthwise_tokens_per_s") is not None else "-")
     lines.append(
         f"| {r['model']} | {r['params']:,} ({r['params_non_embedding']:,}) | "
         f"{r['train_flops']:.3g} | {r['tokens']:,} | {r['steps']} | "
         f"{r['train_seconds']:.0f} | {r['nll']:.4f} | {r['nll_causal']:.4f} | "
-        f"{r['decode_tokens_per_s']:.0f} | {rs} |")
+        f"{r['decode_tokens_per_s']:.0f} | {dw} | {rs} |")
   return "\n".join(lines) + "\n"
 
 
