@@ -13,7 +13,7 @@ from recursive_lm.decode.engine import Engine
 from recursive_lm.decode.sampling import SamplingConfig
 from recursive_lm.api import LoadedModel
 from recursive_lm.early_exit.thresholds import BetaMixtureConfig, decaying_threshold
-from recursive_lm.nn.model import Transformer, init_cache, init_params
+from recursive_lm.nn.model import Transformer, cache_length, init_cache, init_params
 
 INF = float("inf")
 PROMPTS = [[3, 4, 5, 6, 7, 8, 9], [11], [20, 21, 22]]
@@ -88,9 +88,10 @@ def _layer_kv(cfg, cache, i, row):
   group, k, n = cfg.plan.unrolled()[i]
   if group == "block":
     ck, cv = cache["block"][k]
-    return ck[n, row], cv[n, row]
-  ck, cv = cache[group][k]
-  return ck[row], cv[row]
+    ck, cv = ck[n], cv[n]
+  else:
+    ck, cv = cache[group][k]
+  return ck[row].swapaxes(0, 1), cv[row].swapaxes(0, 1)  # cache rows are [H, S, Dh]
 
 
 # ---------------------------------------------------------------- never exit
@@ -156,7 +157,7 @@ def test_forced_sync_when_buffer_fills(free):
 
 def _check_deep_kv(cfg, params, out):
   """Every layer's KV up to the last sync == teacher-forced full decoding."""
-  s = out.cache["block"][0][0].shape[2]
+  s = cache_length(out.cache)
   depth = cfg.plan.effective_depth
   shallow = out.exits[0]
   for r, (p, toks) in enumerate(zip(PROMPTS, out.tokens)):
@@ -259,7 +260,7 @@ def _check_propagated(cfg, params, out):
   """Layers past the first exit hold K/V projected from the exit-layer state
   of every decode-step token (not the first segment's or any other state)."""
   e0 = out.exits[0]
-  s = out.cache["block"][0][0].shape[2]
+  s = cache_length(out.cache)
   for r, (p, toks) in enumerate(zip(PROMPTS, out.tokens)):
     fed = list(p) + toks[:-1]
     prop = _propagated_cache(cfg, params, _pad(fed), e0, s)

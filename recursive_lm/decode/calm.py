@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from recursive_lm.config import ModelConfig
 from recursive_lm.decode import depth as D
 from recursive_lm.nn import layers as L
+from recursive_lm.nn.model import cache_length
 
 Array = jax.Array
 RULES = ("per_row", "batch_min")
@@ -70,12 +71,13 @@ class CalmSpec:
 def _copy_first_loop(cache, k: int, n: int, pos: Array, slots: Array):
   """Block layer k, loop n <- loop 0's K/V of the same token (per-row slots)."""
   ck, cv = cache["block"][k]
-  s = ck.shape[2]
+  s = ck.shape[3]  # [N, B, Hkv, S, Dh]
   rows = jnp.arange(ck.shape[1])
   src = jnp.clip(pos, 0, s - 1)
   new = {g: list(v) for g, v in cache.items()}
-  new["block"][k] = (ck.at[n].set(L.scatter_kv(ck[n], ck[0, rows, src][:, None], slots)),
-                     cv.at[n].set(L.scatter_kv(cv[n], cv[0, rows, src][:, None], slots)))
+  new["block"][k] = (
+      ck.at[n].set(L.scatter_kv(ck[n], ck[0, rows, :, src][:, None], slots)),
+      cv.at[n].set(L.scatter_kv(cv[n], cv[0, rows, :, src][:, None], slots)))
   return new
 
 
@@ -83,7 +85,7 @@ def fill_skipped(cfg: ModelConfig, params, kv: str, start: int, end: int, h: Arr
                  pos: Array, cache, slots: Array, exit_layer: Array):
   """KV of layers [start, end) for tokens that exited at ``exit_layer`` [B] with
   state h [B, 1, D]; rows with out-of-range ``slots`` [B, 1] write nothing."""
-  s = cache["block"][0][0].shape[2]
+  s = cache_length(cache)
   if kv == "propagate":
     return D.propagate_kv(cfg, params, start, end, h, pos[:, None], cache, slots)
   units = cfg.plan.unrolled()
@@ -117,7 +119,7 @@ def calm_step(cfg: ModelConfig, params, spec: CalmSpec, conf: ConfFn, cache,
   exits = spec.exits
   n = len(exits)
   starts = (0,) + exits[:-1]
-  s = cache["block"][0][0].shape[2]
+  s = cache_length(cache)
   h0 = D.embed(cfg, params, tok[:, None])
   b = tok.shape[0]
   logits0 = jnp.zeros((b, cfg.vocab_size), jnp.dtype(cfg.dtype))
@@ -188,7 +190,7 @@ def _oracle_step(cfg, params, spec: CalmSpec, conf: ConfFn, cache, tok, pos, act
   exits = spec.exits
   n = len(exits)
   starts = (0,) + exits[:-1]
-  s = cache["block"][0][0].shape[2]
+  s = cache_length(cache)
   slots = jnp.where(active, pos, s)[:, None]
   h = D.embed(cfg, params, tok[:, None])
   logits_all, ok_all, confs, states = [], [], [], []

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from recursive_lm.config import ModelConfig
 from recursive_lm.nn import layers as L
-from recursive_lm.nn.model import Transformer
+from recursive_lm.nn.model import Transformer, cache_length
 
 Array = jax.Array
 
@@ -134,7 +134,7 @@ def run_layers(cfg: ModelConfig, params, start: int, end: int, h: Array,
                      f"{len(units)} unrolled layers")
   if write_slots is None:
     write_slots = positions
-  kv_len = cache["block"][0][0].shape[2]
+  kv_len = cache_length(cache)
   cos, sin, mask = rope_and_mask(cfg, positions, kv_len)
   for i in range(start, end):
     h, cache = _apply_unit(cfg, params, units[i], units[i][2], h, cos, sin, mask,
@@ -147,7 +147,7 @@ def apply_loop(cfg: ModelConfig, params, loop, h: Array, positions: Array, cache
   """The shared block's K layers at loop index ``loop`` (int or [B] per row)."""
   if write_slots is None:
     write_slots = positions
-  kv_len = cache["block"][0][0].shape[2]
+  kv_len = cache_length(cache)
   cos, sin, mask = rope_and_mask(cfg, positions, kv_len)
   if not isinstance(loop, int):
     loop = jnp.asarray(loop, jnp.int32)

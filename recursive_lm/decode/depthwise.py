@@ -61,7 +61,7 @@ from recursive_lm.decode.sampling import SamplingConfig, sample
 from recursive_lm.decode.speculative import normalize_cache
 from recursive_lm.early_exit import confidence as C
 from recursive_lm.early_exit.thresholds import should_exit
-from recursive_lm.nn.model import Transformer, init_cache
+from recursive_lm.nn.model import Transformer, cache_length, init_cache
 
 Array = jax.Array
 
@@ -107,7 +107,7 @@ def fill_skipped_kv(cfg: ModelConfig, params, cache, h: Array, pos: Array,
   """State copying for rows that exited after loop ``exit_loop`` [B]: write the
   K/V of every deeper loop's layers and of the coda, projected from the exit
   state h [B, D], at position pos [B]. Rows with ``exited`` False write nothing."""
-  s = cache["block"][0][0].shape[2]
+  s = cache_length(cache)
   units = cfg.plan.unrolled()
   first = cfg.plan.prelude + cfg.plan.block  # loop 0 never gets skipped
   for i in range(first, len(units)):
@@ -222,7 +222,7 @@ class DepthwiseBatcher:
                     sampling, stop_at_eos):
     """Full-depth prefill of one prompt into ``slot``'s cache row; samples the
     request's first token and (re)starts the slot at loop 0."""
-    s = cache["block"][0][0].shape[2]
+    s = cache_length(cache)
     t = tokens.shape[1]
     pos = jnp.arange(t, dtype=jnp.int32)[None]
     slots = jnp.where(pos < length, pos, s)
@@ -243,7 +243,7 @@ class DepthwiseBatcher:
 
   def _step(self, params, cache, st, threshold, max_new, sampling, stop_at_eos):
     cfg, plan = self.cfg, self.cfg.plan
-    s = cache["block"][0][0].shape[2]
+    s = cache_length(cache)
     n_loops, total = plan.loops, plan.effective_depth
     active, loop, pos = st["active"], st["loop"], st["pos"]
     p1 = pos[:, None]

@@ -56,7 +56,7 @@ from recursive_lm.decode.sampling import SamplingConfig, sample
 from recursive_lm.early_exit import confidence as C
 from recursive_lm.early_exit.thresholds import (BetaMixtureConfig, beta_mixture_init,
                                                 decaying_threshold)
-from recursive_lm.nn.model import (Transformer, fuse_projections, init_cache,
+from recursive_lm.nn.model import (Transformer, cache_length, fuse_projections, init_cache,
                                    to_kernel_layout)
 
 POLICIES = ("free", "calm")
@@ -268,7 +268,7 @@ class EarlyExitEngine:
   # -- jitted pieces ---------------------------------------------------------
   def _prefill_impl(self, params, cache, tokens, lengths):
     b, t = tokens.shape
-    s = cache["block"][0][0].shape[2]
+    s = cache_length(cache)
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     slots = jnp.where(pos < lengths[:, None], pos, s)
     out = self.model.apply({"params": params}, tokens, positions=pos, cache=cache,

@@ -28,7 +28,7 @@ import numpy as np
 
 from recursive_lm.config import ModelConfig
 from recursive_lm.decode.sampling import SamplingConfig, sample
-from recursive_lm.nn.model import (Transformer, fuse_projections, init_cache,
+from recursive_lm.nn.model import (Transformer, cache_length, fuse_projections, init_cache,
                                    to_kernel_layout)
 
 PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -92,7 +92,7 @@ def prefill_step(model: Transformer, params, cache, tokens, lengths):
   """Full-depth prefill of right-padded prompts [B, T] with per-row ``lengths``.
   Returns (logits at each row's last prompt token [B, V], new cache)."""
   b, t = tokens.shape
-  s = cache["block"][0][0].shape[2]
+  s = cache_length(cache)
   pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   slots = jnp.where(pos < lengths[:, None], pos, s)  # pads write nothing
   logits, cache = chunk_step(model, params, cache, tokens, pos, slots)

@@ -56,6 +56,7 @@ import jax.numpy as jnp
 
 from recursive_lm.config import ModelConfig
 from recursive_lm.decode import depth as D
+from recursive_lm.nn.model import cache_length
 from recursive_lm.early_exit.thresholds import (BetaMixtureConfig, BetaMixtureState,
                                                 beta_mixture_init, beta_mixture_update)
 
@@ -121,7 +122,7 @@ def deep_pass(cfg: ModelConfig, params, spec: FreeSpec, cache, st: FreeState,
   """
   b = st.pending_len.shape[0]
   width = width or spec.k_max + 1
-  s = cache["block"][0][0].shape[2]
+  s = cache_length(cache)
   plen = st.pending_len
   j = jnp.arange(width, dtype=jnp.int32)[None]
   chunk = _insert(st.pending_h, plen, h_cur)[:, :width]       # [B, W, D]
@@ -152,7 +153,7 @@ def free_step(cfg: ModelConfig, params, spec: FreeSpec, conf_fn: Callable[[Array
   new FreeState, stats dict of int32 scalars).
   """
   b, k = tok.shape[0], spec.k_max
-  s = cache["block"][0][0].shape[2]
+  s = cache_length(cache)
   slots = jnp.where(active, pos, s)[:, None]
   h = D.embed(cfg, params, tok[:, None])
   h, cache = D.run_layers(cfg, params, 0, spec.exit_layer, h, pos[:, None], cache, slots)

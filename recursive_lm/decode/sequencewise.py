@@ -36,7 +36,7 @@ from recursive_lm.decode.engine import _round_up, bucket_length, chunk_step, tok
 from recursive_lm.decode.sampling import SamplingConfig, sample
 from recursive_lm.decode.speculative import normalize_cache
 from recursive_lm.early_exit.thresholds import should_exit
-from recursive_lm.nn.model import Transformer, init_cache
+from recursive_lm.nn.model import Transformer, cache_length, init_cache
 
 
 class SequenceBatcher:
@@ -69,7 +69,7 @@ class SequenceBatcher:
   @functools.partial(jax.jit, static_argnums=0)
   def _prefill(self, params, cache, tokens, lengths):
     b, t = tokens.shape
-    s = cache["block"][0][0].shape[2]
+    s = cache_length(cache)
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     logits, cache = chunk_step(self.model, params, cache, tokens, pos,
                                jnp.where(pos < lengths[:, None], pos, s))
@@ -80,7 +80,7 @@ class SequenceBatcher:
     """One token for the batch, loop by loop. Returns (cache, logits, loops
     run per row, block applications, busy row-loops)."""
     cfg, plan = self.cfg, self.cfg.plan
-    s = cache["block"][0][0].shape[2]
+    s = cache_length(cache)
     total, n_loops = plan.effective_depth, plan.loops
     p1 = pos[:, None]
     h = D.embed(cfg, params, tok[:, None])

@@ -49,7 +49,7 @@ from recursive_lm.decode.engine import (GenerateOutput, _round_up, bucket_length
                                         check_prompts, prefill_step,
                                         token_ids)
 from recursive_lm.decode.sampling import SamplingConfig, sample
-from recursive_lm.nn.model import (Transformer, fuse_projections, init_cache,
+from recursive_lm.nn.model import (Transformer, cache_length, fuse_projections, init_cache,
                                    to_kernel_layout)
 
 Array = jax.Array
@@ -173,7 +173,7 @@ class SelfSpeculativeEngine:
     """d draft steps through layers [0, E). Returns (cache, Q [B,d,D],
     draft tokens [B,d], draft logits [B,d,V])."""
     cfg, e = self.cfg, self.draft_layers
-    s = cache["block"][0][0].shape[2]
+    s = cache_length(cache)
 
     def step(carry, xs):
       cache, tok = carry
@@ -194,7 +194,7 @@ class SelfSpeculativeEngine:
   def _verify(self, params, cache, pos, done, q_states, last_draft):
     """Layers [0, E) on the last draft token, then [E, L) on [Q ; it]."""
     cfg, e, d = self.cfg, self.draft_layers, self.draft_len
-    s = cache["block"][0][0].shape[2]
+    s = cache_length(cache)
     p = (pos + d)[:, None]
     h = D.embed(cfg, params, last_draft[:, None])
     h, cache = D.run_layers(cfg, params, 0, e, h, p, cache, jnp.where(done[:, None], s, p))

@@ -139,7 +139,7 @@ class MoRBlock(nn.Module):
         cache_n = [(ck[0], cv[0]) for ck, cv in cache]
       else:  # hybrid: own fresh keys where written at n, else recursion 1's
         key_ok = jnp.where(first, vn, valid[0])
-        vm = valid[n][:, :, None, None]
+        vm = valid[n][:, None, :, None]  # caches are [B, Hkv, S, Dh]
         cache_n = [(jnp.where(vm, ck[n], ck[0]), jnp.where(vm, cv[n], cv[0]))
                    for ck, cv in cache]
       new["valid"] = valid.at[n].set(vn)

@@ -49,7 +49,7 @@ from recursive_lm.decode.sampling import SamplingConfig, sample
 from recursive_lm.mor import routers as R
 from recursive_lm.mor.block import MoRBlock
 from recursive_lm.nn import layers as L
-from recursive_lm.nn.model import init_cache
+from recursive_lm.nn.model import cache_length, init_cache
 
 VALID = "block_valid"
 
@@ -126,7 +126,7 @@ class MoRDepthwiseBatcher(DepthwiseBatcher):
                sampling, stop_at_eos):
     """Causal MoR prefill of one prompt into ``slot``'s cache row (validity row
     cleared first); samples the first token and starts the slot at recursion 0."""
-    s = cache["block"][0][0].shape[2]
+    s = cache_length(cache)
     t = tokens.shape[1]
     pos = jnp.arange(t, dtype=jnp.int32)[None]
     slots = jnp.where(pos < length, pos, s)

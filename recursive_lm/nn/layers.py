@@ -8,9 +8,9 @@ Attention runs in one of two modes:
 * **sequence mode** (``cache is None``): attention among the tokens of the
   call, causal by index and restricted to equal ``segment_ids`` (packing).
 * **cache mode**: the call's keys/values are scattered into a static-shape
-  cache at per-token ``write_slots`` (slot == position; out-of-range slots
-  are dropped, which is how padding writes nothing), then every query attends
-  to the cache slots ``<=`` its own position. One primitive serves prefill,
+  cache ``[B, Hkv, S, Dh]`` at per-token ``write_slots`` (slot == position;
+  out-of-range slots are dropped, which is how padding writes nothing), then
+  every query attends to the cache slots ``<=`` its own position. One primitive serves prefill,
   single-token decode, chunked verification and deferred deep passes.
 """
 from __future__ import annotations
@@ -169,12 +169,39 @@ def attention_mask(q_positions, segment_ids=None, kv_len=None, cache_mode=False)
 
 
 def scatter_kv(cache: Array, new: Array, slots: Array) -> Array:
-  """Writes new [B, T, Hkv, Dh] into cache [B, S, Hkv, Dh] at slots [B, T].
+  """Writes new [B, T, Hkv, Dh] into cache [B, Hkv, S, Dh] at slots [B, T].
 
   Slots outside [0, S) are dropped (padding and masked-out tokens write nothing).
+  The write goes through the flat [B*Hkv, S, Dh] view that the cached
+  attention reads (``attend_cache``), so XLA updates the buffer in place and
+  the attention consumes the scatter's result directly: with a [B, Hkv, ...]
+  view, batch 1 makes XLA drop the unit dim for the matmul and duplicate the
+  update into a second fusion, which costs whole-cache copies every step.
   """
-  b = jnp.arange(cache.shape[0])[:, None]
-  return cache.at[b, slots].set(new.astype(cache.dtype), mode="drop")
+  b, hkv, s, dh = cache.shape
+  flat = cache.reshape(b * hkv, s, dh)
+  rows = (jnp.arange(b)[:, None] * hkv + jnp.arange(hkv)[None])[:, None, :]  # [B,1,Hkv]
+  flat = flat.at[rows, slots[:, :, None]].set(new.astype(cache.dtype), mode="drop")
+  return flat.reshape(b, hkv, s, dh)
+
+
+def attend_cache(q: Array, ck: Array, cv: Array, mask: Array, dtype) -> Array:
+  """Attention of q [B, T, H, Dh] over a KV cache [B, Hkv, S, Dh]. Returns [B, T, H*Dh].
+
+  Plain batched matmuls over the flat (B*Hkv) batch with the query group folded
+  into rows: no transposed copy of the cache, no per-head loop.
+  """
+  b, t, h, dh = q.shape
+  hkv, s = ck.shape[1], ck.shape[2]
+  g = h // hkv
+  q = q.reshape(b, t, hkv, g, dh).transpose(0, 2, 1, 3, 4).reshape(b * hkv, t * g, dh)
+  scores = jnp.einsum("nqd,nsd->nqs", q, ck.reshape(b * hkv, s, dh).astype(dtype),
+                      preferred_element_type=jnp.float32) / math.sqrt(dh)
+  scores = jnp.where(mask.reshape(mask.shape[0], 1, t, 1, s),
+                     scores.reshape(b, hkv, t, g, s), jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(b * hkv, t * g, s)
+  out = jnp.einsum("nqs,nsd->nqd", probs, cv.reshape(b * hkv, s, dh).astype(dtype))
+  return out.reshape(b, hkv, t, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, t, h * dh)
 
 
 def projections(module: nn.Module, cfg: ModelConfig, x, parts, fused_name, lora):
@@ -227,18 +254,21 @@ class Attention(nn.Module):
       ck, cv = cache
       ck, cv = scatter_kv(ck, k, write_slots), scatter_kv(cv, v, write_slots)
       new_cache = (ck, cv)
-      k, v = ck.astype(dt), cv.astype(dt)
+      k, v = ck, cv
     elif kv_hook is not None:
       k, v = kv_hook(k, v)
     if return_kv and cache is None:
       new_cache = (k, v)
     g = h // hkv
-    q = q.reshape(b, t, hkv, g, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
-                        preferred_element_type=jnp.float32) / math.sqrt(dh)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h * dh)
+    if cache is not None:
+      out = attend_cache(q, k, v, mask, dt)
+    else:
+      q = q.reshape(b, t, hkv, g, dh)
+      scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
+                          preferred_element_type=jnp.float32) / math.sqrt(dh)
+      scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+      out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h * dh)
     out = lin(cfg.d_model, (HEADS, EMBED), "o")(out, lora.get("o"))
     return out, new_cache
 
