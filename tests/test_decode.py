@@ -100,3 +100,14 @@ def test_decode_loop_updates_the_cache_in_place(batch):
   shapes = {",".join(map(str, c.shape)) for c in jax.tree_util.tree_leaves(cache)}
   copies = [m for m in re.findall(r"= f32\[([\d,]+)\]\S* copy\(", hlo) if m in shapes]
   assert len(copies) <= n_buffers, f"{len(copies)} cache copies for {n_buffers} buffers"
+
+
+def test_fast_argmax_equals_jnp_argmax():
+  """sampling.argmax (max + min-index, vectorised on CPU) == jnp.argmax, ties and NaN included."""
+  from recursive_lm.decode.sampling import argmax
+  x = np.random.default_rng(0).standard_normal((6, 1000)).astype(np.float32)
+  x[1, 7] = x[1, 9] = x[1].max() + 1   # tie: the first index wins
+  x[2, 3] = np.nan                     # NaN counts as the maximum
+  x[3, :] = -np.inf
+  x[4, -1] = np.inf
+  np.testing.assert_array_equal(argmax(jnp.asarray(x)), np.asarray(jnp.argmax(jnp.asarray(x), -1)))

