@@ -32,6 +32,9 @@ flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.")
 flags.DEFINE_integer("steps", 4, "Timed steps per variant (after 1 warm-up).")
 flags.DEFINE_list("variants", ["vanilla", "recursive", "recursive_lora64"], "Students.")
 flags.DEFINE_string("remat", "none", "Remat policy for the student.")
+flags.DEFINE_enum("xla_options", "train", ["train", "default"],
+                  "train: the trainer's XLA options (training.train_compiler_options); "
+                  "default: XLA's defaults.")
 flags.DEFINE_string("out", "results", "Output folder.")
 
 
@@ -44,7 +47,7 @@ def main(_):
   from recursive_lm.nn.weights import params_from_hf
   from recursive_lm.recursive import convert
   from recursive_lm.training import (LossConfig, OptimConfig, init_train_state,
-                                     make_train_step)
+                                     make_train_step, train_compiler_options)
   from recursive_lm.training.metrics import measure_matmul_peak, train_flops_per_token
 
   ck = load_checkpoint(FLAGS.model)
@@ -70,10 +73,14 @@ def main(_):
            "loss_mask": jnp.ones((b, t), jnp.int32),
            "segment_ids": jnp.ones((b, t), jnp.int32),
            "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))}
+  # --xla_options=default: XLA's defaults; otherwise the library's train-step
+  # options (train_compiler_options(), as the trainer uses).
+  opts = (train_compiler_options() if FLAGS.xla_options == "train" else {}) or None
   peaks = [measure_matmul_peak()]
   runs = {}
   for v, (cfg, p) in students.items():
-    step = jax.jit(make_train_step(cfg, ocfg, LossConfig(), tcfg), donate_argnums=(0,))
+    step = jax.jit(make_train_step(cfg, ocfg, LossConfig(), tcfg), donate_argnums=(0,),
+                   compiler_options=opts)
     state = init_train_state(cfg, ocfg, jax.tree_util.tree_map(jnp.asarray, p))
     t0 = time.perf_counter()
     state, m = step(state, teacher, batch)
@@ -102,6 +109,7 @@ def main(_):
   for r in rows:
     r["step_vs_vanilla"] = r["step_s"] / base["step_s"] if base else None
   meta = {"command": "python " + " ".join(sys.argv), "batch": b, "seq_len": t,
+          "compiler_options": opts or {},
           "matmul_peak_flops": peak, "peaks": peaks, "jax": jax.__version__,
           "date": time.strftime("%Y-%m-%d %H:%M")}
   os.makedirs(FLAGS.out, exist_ok=True)
@@ -109,7 +117,8 @@ def main(_):
     json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
   lines = [f"Distillation train step, {FLAGS.model} teacher, batch {b} x {t} tokens, f32, "
            f"median of {FLAGS.steps} steps; measured f32 matmul peak "
-           f"{peak / 1e9:.1f} GFLOP/s.", f"Made by `{meta['command']}` on {meta['date']}.",
+           f"{peak / 1e9:.1f} GFLOP/s; XLA options: {opts or 'defaults'}.",
+           f"Made by `{meta['command']}` on {meta['date']}.",
            "", "| student | plan | unique params | step (s) | tokens/s | GFLOP/s | "
            "fraction of peak | step vs vanilla |", "|---|---|---|---|---|---|---|---|"]
   for r in rows:

@@ -330,3 +330,18 @@ def test_sharded_step_equals_unsharded():
   assert S.sharded_fraction(new.params) > 0.5
   new2, _ = step(new, teacher_s, batch_s)  # donated state round-trips
   assert int(new2.step) == 2
+
+
+def test_cpu_train_compiler_options_keep_the_step_numerics():
+  """The XLA options jit_train_step uses on CPU (a speed choice) change no result."""
+  from recursive_lm.training import train_compiler_options
+  opts = train_compiler_options()
+  assert opts, "expected XLA:CPU train-step options on the CPU backend"
+  cfg = tiny_config(plan=DepthPlan(0, 2, 2, 0))
+  ocfg = OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant")
+  batch, params = _batch(cfg), _params(cfg)
+  outs = [jax.jit(make_train_step(cfg, ocfg), compiler_options=o)(
+      init_train_state(cfg, ocfg, params), None, batch) for o in (None, opts)]
+  np.testing.assert_allclose(outs[0][1]["loss"], outs[1][1]["loss"], rtol=1e-6)
+  # One Adam step from float-rounding-level gradient differences (other matmul paths).
+  _assert_trees_close(outs[0][0].params, outs[1][0].params, atol=1e-5)

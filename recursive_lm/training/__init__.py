@@ -6,11 +6,12 @@ from recursive_lm.training.optim import (OptimConfig, decay_mask, lr_at,
 from recursive_lm.training.train_step import (LossConfig, TrainState,
                                               init_train_state, jit_train_step,
                                               make_eval_step, make_train_step,
+                                              train_compiler_options,
                                               train_state_shardings)
 
 __all__ = [
     "KD_KINDS", "cross_entropy", "distill_loss", "kd_loss", "OptimConfig",
     "decay_mask", "lr_at", "make_optimizer", "schedule_fn", "LossConfig",
     "TrainState", "init_train_state", "jit_train_step", "make_eval_step",
-    "make_train_step", "train_state_shardings",
+    "make_train_step", "train_compiler_options", "train_state_shardings",
 ]
