@@ -181,10 +181,7 @@ def train_state_shardings(model_cfg: ModelConfig, optim_cfg: OptimConfig,
 # transposes feeding the weight-gradient matmuls run ~10x faster (a [1024,
 # 1536] transpose: 17 ms -> 1.7 ms in the profile). Decoding is faster with
 # XLA's defaults (batch 8: 46 vs 53 ms per step), so only train steps use it.
-# The concurrency-optimised scheduler off: a further ~2% (8.65 -> 8.54 s, 3
-# interleaved rounds).
-_CPU_TRAIN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT",
-                      "xla_cpu_enable_concurrency_optimized_scheduler": False}
+_CPU_TRAIN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
 
 @functools.lru_cache(maxsize=None)
