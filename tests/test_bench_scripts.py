@@ -39,3 +39,10 @@ def test_gpu_bench_tiny_on_cpu(tmp_path):
   assert res["roofline"]["copy_bandwidth"] > 0
   assert len(res["decode"]) == 2 and len(res["train"]["rows"]) == 4
   assert res["engines"][0]["engine"] == "full depth (Engine)"
+
+
+def test_profile_decode_tiny(tmp_path):
+  r = _run("profile_decode.py", "--tiny", "--new_tokens=4", "--layout=in_out", tmp=tmp_path)
+  assert "by op kind" in r.stdout
+  res = json.loads((tmp_path / "profile_decode.json").read_text())
+  assert res["ops"] and res["busy_ms_per_step"] > 0
