@@ -23,8 +23,15 @@ class LoadedModel:
 
   def engine(self, batch: int | None = None) -> Engine:
     """An engine in the fastest measured layout for ``batch`` rows of decoding
-    (results/bench_decode.md: [out, in] fused kernels at batch 1, the training
-    layout otherwise); ``None`` keeps the training layout (scoring)."""
+    (results/bench_decode.md): fused panel kernels read by the native CPU
+    matmul up to 16 rows when it is available, else fused [out, in] kernels at
+    batch 1; the training layout otherwise (``None``: scoring)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    from recursive_lm.kernels import native  # pylint: disable=g-import-not-at-top
+    from recursive_lm.kernels.panel import MAX_NATIVE_ROWS  # pylint: disable=g-import-not-at-top
+    if (batch is not None and batch <= MAX_NATIVE_ROWS and jax.default_backend() == "cpu"
+        and native.load()):
+      return Engine(self.cfg, self.params, kernel_layout="panel", fuse=True)
     if batch == 1:
       return Engine(self.cfg, self.params, kernel_layout="out_in", fuse=True)
     return Engine(self.cfg, self.params)

@@ -13,6 +13,7 @@ import os
 from typing import Any, Mapping
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+KERNEL_LAYOUTS = ("in_out", "out_in", "panel")
 
 
 class ConfigError(ValueError):
@@ -192,7 +193,9 @@ class ModelConfig:
   # unrolled 0.99x (results/gpu/gpu_bench_train_engines.md).
   loop_unroll: int = 0
   # Storage of dense kernels: "in_out" ([in, out], the default for training and
-  # checkpoints) or "out_in" (used by the decode engine at small batch).
+  # checkpoints), "out_in" or "panel" (decode-only layouts; see
+  # nn.model.decode_layout). "panel" also stores a tied LM head as its own
+  # panel kernel (``lm_head``) beside the embedding table.
   kernel_layout: str = "in_out"
   # Decode layout: q/k/v and gate/up stored as one concatenated kernel each
   # (fewer, larger matmuls). Checkpoints and training use separate kernels.
@@ -217,8 +220,8 @@ class ModelConfig:
       raise ConfigError(
           f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
           " (grouped-query attention)")
-    if self.kernel_layout not in ("in_out", "out_in"):
-      raise ConfigError(f"kernel_layout must be 'in_out' or 'out_in', got "
+    if self.kernel_layout not in KERNEL_LAYOUTS:
+      raise ConfigError(f"kernel_layout must be one of {KERNEL_LAYOUTS}, got "
                         f"{self.kernel_layout!r}")
     for t, r in self.lora_ranks:
       if t not in LORA_TARGETS:

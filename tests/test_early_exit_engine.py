@@ -118,10 +118,11 @@ def test_vanilla_plan_with_chosen_exits():
   assert f.exits == (2, 4) and c.exits == (1, 3, 4)
   assert f.generate(PROMPTS, N_NEW).tokens == ref
   assert c.generate(PROMPTS, N_NEW).tokens == ref
-  # The batch-1 decode layout of api.LoadedModel.engine: fused [out, in] kernels.
-  fused = EarlyExitEngine(cfg, params, exits=[2], policy="free", threshold=INF, k_max=2,
-                          kernel_layout="out_in", fuse=True)
-  assert fused.generate(PROMPTS, N_NEW).tokens == ref
+  # The decode layouts of api.LoadedModel.engine: fused [out, in] or panel kernels.
+  for layout in ("out_in", "panel"):
+    fused = EarlyExitEngine(cfg, params, exits=[2], policy="free", threshold=INF, k_max=2,
+                            kernel_layout=layout, fuse=True)
+    assert fused.generate(PROMPTS, N_NEW).tokens == ref, layout
   # Exact deep KV after syncs on the vanilla plan too.
   out = f.generate(PROMPTS, N_NEW, threshold=MIXED, return_cache=True)
   _check_deep_kv(cfg, params, out)

@@ -75,16 +75,16 @@ def test_weights_round_trip_and_unroll():
                              _run(vcfg, vparams, toks)["logits"], atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+@pytest.mark.parametrize("layout", ["in_out", "out_in", "panel"])
 def test_decode_layouts_give_same_logits(layout):
-  from recursive_lm.nn.model import fuse_projections, to_kernel_layout
+  from recursive_lm.nn.model import decode_layout
   cfg = tiny_config(plan=DepthPlan(1, 2, 2, 0), lora_ranks=(("k", 2), ("up", 2)))
   params = init_params(cfg, seed=2)
   params["lora"] = jax.tree_util.tree_map(
       lambda x: x + 0.1 * jax.random.normal(jax.random.key(1), x.shape), params["lora"])
   toks = np.random.default_rng(5).integers(0, 97, (2, 7))
   ref = _run(cfg, params, toks)["logits"]
-  c2, p2 = fuse_projections(*to_kernel_layout(cfg, params, layout))
+  c2, p2 = decode_layout(cfg, params, layout, fuse=True)
   assert "qkv" in p2["block"]["layer_0"]["attn"]
   np.testing.assert_allclose(_run(c2, p2, toks)["logits"], ref, atol=1e-5)
 

@@ -56,8 +56,7 @@ from recursive_lm.decode.sampling import SamplingConfig, sample
 from recursive_lm.early_exit import confidence as C
 from recursive_lm.early_exit.thresholds import (BetaMixtureConfig, beta_mixture_init,
                                                 decaying_threshold)
-from recursive_lm.nn.model import (Transformer, cache_length, fuse_projections, init_cache,
-                                   to_kernel_layout)
+from recursive_lm.nn.model import Transformer, cache_length, decode_layout, init_cache
 
 POLICIES = ("free", "calm")
 SCHEDULES = ("fixed", "decaying")
@@ -220,10 +219,7 @@ class EarlyExitEngine:
       if oracle not in ORACLES:
         raise ValueError(f"oracle must be one of {ORACLES}, got {oracle!r}")
       self.spec = CalmSpec(self.exits, rule, kv, oracle)
-    if kernel_layout:
-      cfg, params = to_kernel_layout(cfg, params, kernel_layout)
-    if fuse:
-      cfg, params = fuse_projections(cfg, params)
+    cfg, params = decode_layout(cfg, params, kernel_layout, fuse)
     self.cfg, self.params = cfg, params
     self.policy, self.schedule, self.position_temp = policy, schedule, float(position_temp)
     self.threshold = float(threshold)

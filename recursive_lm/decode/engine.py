@@ -28,8 +28,7 @@ import numpy as np
 
 from recursive_lm.config import ModelConfig
 from recursive_lm.decode.sampling import SamplingConfig, sample
-from recursive_lm.nn.model import (Transformer, cache_length, fuse_projections, init_cache,
-                                   to_kernel_layout)
+from recursive_lm.nn.model import Transformer, cache_length, decode_layout, init_cache
 
 PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
@@ -113,10 +112,7 @@ class Engine:
   def __init__(self, cfg: ModelConfig, params, eos_id: int | None = None,
                pad_id: int | None = None, kernel_layout: str | None = None,
                fuse: bool = False):
-    if kernel_layout:
-      cfg, params = to_kernel_layout(cfg, params, kernel_layout)
-    if fuse:
-      cfg, params = fuse_projections(cfg, params)
+    cfg, params = decode_layout(cfg, params, kernel_layout, fuse)
     self.cfg = cfg
     self.params = params
     self.model = Transformer(cfg)

@@ -49,8 +49,7 @@ from recursive_lm.decode.engine import (GenerateOutput, _round_up, bucket_length
                                         check_prompts, prefill_step,
                                         token_ids)
 from recursive_lm.decode.sampling import SamplingConfig, sample
-from recursive_lm.nn.model import (Transformer, cache_length, fuse_projections, init_cache,
-                                   to_kernel_layout)
+from recursive_lm.nn.model import Transformer, cache_length, decode_layout, init_cache
 
 Array = jax.Array
 
@@ -153,10 +152,7 @@ class SelfSpeculativeEngine:
       raise ValueError(f"draft_len must be >= 1, got {draft_len}")
     self.draft_layers = resolve_draft_layers(cfg, draft_layers, draft_loops)
     self.draft_len = int(draft_len)
-    if kernel_layout:
-      cfg, params = to_kernel_layout(cfg, params, kernel_layout)
-    if fuse:
-      cfg, params = fuse_projections(cfg, params)
+    cfg, params = decode_layout(cfg, params, kernel_layout, fuse)
     self.cfg, self.params = cfg, params
     self.model = Transformer(cfg)
     self.eos_id, self.pad_id = token_ids(cfg, eos_id, pad_id)

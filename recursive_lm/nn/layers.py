@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recursive_lm.config import ModelConfig, RopeConfig
+from recursive_lm.kernels.panel import PANEL, panel_matmul, panels_for
 
 Array = jax.Array
 
@@ -130,7 +131,9 @@ class Linear(nn.Module):
   param_dtype: Any = jnp.float32
 
   # "in_out" stores [in, out] (training default); "out_in" stores [out, in],
-  # which makes batch-1 decoding a row-major GEMV (measured 30.5 vs 22.9 GB/s).
+  # which makes batch-1 decoding a row-major GEMV (measured 30.5 vs 22.9 GB/s);
+  # "panel" stores [ceil(out/32), in, 32] for the native decode matmul
+  # (recursive_lm.kernels.panel).
   layout: str = "in_out"
 
   @nn.compact
@@ -142,6 +145,11 @@ class Linear(nn.Module):
                                self.param_dtype)
       y = jax.lax.dot_general(x, kernel.astype(self.dtype),
                               (((x.ndim - 1,), (1,)), ((), ())))
+    elif self.layout == "panel":
+      kernel = param_with_axes(self, "kernel", nn.initializers.normal(0.02),
+                               (panels_for(self.features), x.shape[-1], PANEL),
+                               (self.axes[1], self.axes[0], None), self.param_dtype)
+      y = panel_matmul(x, kernel.astype(self.dtype), self.features)
     else:
       kernel = param_with_axes(self, "kernel", nn.initializers.normal(0.02),
                                (x.shape[-1], self.features), self.axes, self.param_dtype)

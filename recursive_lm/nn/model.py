@@ -21,7 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from recursive_lm.config import ModelConfig
+from recursive_lm.config import ConfigError, ModelConfig
+from recursive_lm.kernels.panel import to_panels
 from recursive_lm.nn import layers as L
 
 Array = jax.Array
@@ -133,7 +134,7 @@ class Transformer(nn.Module):
       self.block = _scanned_block(cfg, "block")
     self.coda = [L.DecoderLayer(cfg, name=f"coda_{i}") for i in range(cfg.plan.coda)]
     self.final_norm = L.RMSNorm(cfg.norm_eps, dt, pdt)
-    if not cfg.tie_embeddings:
+    if not cfg.tie_embeddings or cfg.kernel_layout == "panel":
       self.lm_head = L.Linear(cfg.vocab_size, (L.EMBED, L.VOCAB), 1.0, dt, pdt,
                               cfg.kernel_layout)
     if cfg.lora:
@@ -145,7 +146,7 @@ class Transformer(nn.Module):
 
   def head(self, h):
     h = self.final_norm(h)
-    if self.cfg.tie_embeddings:
+    if self.cfg.tie_embeddings and self.cfg.kernel_layout != "panel":
       return self.embed.attend(h)
     return self.lm_head(h)
 
@@ -247,21 +248,40 @@ def init_params(cfg: ModelConfig, seed: int = 0, seq_len: int = 8):
 
 
 def to_kernel_layout(cfg: ModelConfig, params, layout: str):
-  """(cfg, params) with every dense kernel stored in ``layout`` ("in_out"/"out_in")."""
+  """(cfg, params) with every dense kernel stored in ``layout``.
+
+  "in_out" <-> "out_in" transposes. "panel" (decode only, from either) also
+  adds a panel copy of a tied embedding as ``lm_head``; it converts back to
+  nothing else (keep the original params for training and export).
+  """
   if layout == cfg.kernel_layout:
     return cfg, params
-
-  def fix(path, x):
-    return x.T if getattr(path[-1], "key", None) == "kernel" else x
-
+  if cfg.kernel_layout == "panel":
+    raise ConfigError(f"panel kernels are decode-only and do not convert to {layout!r}; "
+                      "convert the original in_out params instead")
+  if layout == "panel":
+    cfg, params = to_kernel_layout(cfg, params, "in_out")
+    fix = lambda path, x: to_panels(x) if _is_kernel(path) else x
+    params = jax.tree_util.tree_map_with_path(fix, params)
+    if cfg.tie_embeddings:
+      params = {**params, "lm_head": {"kernel": to_panels(params["embed"]["embedding"].T)}}
+    return cfg.replace(kernel_layout="panel"), params
+  fix = lambda path, x: x.T if _is_kernel(path) else x
   return (cfg.replace(kernel_layout=layout),
           jax.tree_util.tree_map_with_path(fix, params))
+
+
+def _is_kernel(path) -> bool:
+  return getattr(path[-1], "key", None) == "kernel"
 
 
 def fuse_projections(cfg: ModelConfig, params):
   """(cfg, params) with q/k/v and gate/up kernels concatenated (decode layout)."""
   if cfg.fused_projections:
     return cfg, params
+  if cfg.kernel_layout == "panel":
+    raise ConfigError("fuse projections before converting to the panel layout "
+                      "(nn.model.decode_layout does both in order)")
   axis = 1 if cfg.kernel_layout == "in_out" else 0
 
   def walk(tree):
@@ -277,6 +297,20 @@ def fuse_projections(cfg: ModelConfig, params):
     return {k: walk(v) for k, v in tree.items()}
 
   return cfg.replace(fused_projections=True), walk(params)
+
+
+def decode_layout(cfg: ModelConfig, params, kernel_layout: str | None = None,
+                  fuse: bool = False):
+  """(cfg, params) for a decode engine: kernels in ``kernel_layout`` (None keeps
+  them) and, with ``fuse``, q/k/v and gate/up concatenated. Every engine takes
+  these two options."""
+  if fuse and kernel_layout == "panel" and cfg.kernel_layout != "panel":
+    cfg, params = fuse_projections(*to_kernel_layout(cfg, params, "in_out"))
+  if kernel_layout:
+    cfg, params = to_kernel_layout(cfg, params, kernel_layout)
+  if fuse:
+    cfg, params = fuse_projections(cfg, params)
+  return cfg, params
 
 
 def param_count(params) -> int:

@@ -1,0 +1,130 @@
+"""Native CPU kernels: the panel layout and its FFI matmul."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from recursive_lm.config import ConfigError, DepthPlan, tiny_config
+from recursive_lm.decode.engine import Engine
+from recursive_lm.kernels import from_panels, native, panel_matmul, to_panels
+from recursive_lm.kernels.panel import MAX_NATIVE_ROWS
+from recursive_lm.nn.model import decode_layout, init_params
+
+needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                                    reason="no C++ compiler")
+
+
+def test_panels_round_trip_with_padding():
+  w = jnp.arange(2 * 5 * 70, dtype=jnp.float32).reshape(2, 5, 70)
+  p = to_panels(w)
+  assert p.shape == (2, 3, 5, 32)
+  np.testing.assert_array_equal(p[:, 2, :, 6:], 0)  # padded columns
+  np.testing.assert_array_equal(from_panels(p, 70), w)
+
+
+@needs_compiler
+def test_native_kernel_builds_and_is_used():
+  assert native.load(), native.status()
+  x, w = jnp.ones((8, 64)), to_panels(jnp.ones((64, 96)))
+  hlo = jax.jit(panel_matmul, static_argnums=2).lower(x, w, 96).as_text()
+  assert native.TARGET in hlo
+  # Prefill-sized inputs stay on XLA's GEMM.
+  hlo = jax.jit(panel_matmul, static_argnums=2).lower(jnp.ones((64, 64)), w, 96).as_text()
+  assert native.TARGET not in hlo
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 16])
+@pytest.mark.parametrize("k,n", [(5, 3), (64, 32), (100, 70), (576, 192)])
+def test_native_matmul_matches_numpy(rows, k, n):
+  rng = np.random.default_rng(rows * 1000 + k + n)
+  x = rng.standard_normal((rows, k)).astype(np.float32)
+  w = rng.standard_normal((k, n)).astype(np.float32)
+  y = jax.jit(panel_matmul, static_argnums=2)(x, to_panels(jnp.asarray(w)), n)
+  np.testing.assert_allclose(y, x.astype(np.float64) @ w, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+
+
+def test_leading_dims_and_xla_path_agree():
+  rng = np.random.default_rng(1)
+  w = rng.standard_normal((48, 40)).astype(np.float32)
+  p = to_panels(jnp.asarray(w))
+  for shape in [(2, 1, 48), (3, 4, 48), (MAX_NATIVE_ROWS + 1, 48)]:  # native, native, XLA
+    x = rng.standard_normal(shape).astype(np.float32)
+    np.testing.assert_allclose(panel_matmul(jnp.asarray(x), p, 40), x @ w, rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_bad_panel_shape_is_named():
+  with pytest.raises(ValueError, match=r"panel kernel must be \[P, 8, 32\]"):
+    panel_matmul(jnp.ones((2, 8)), jnp.ones((1, 9, 32)), 32)
+
+
+def test_missing_compiler_falls_back_with_a_warning(tmp_path):
+  """No compiler: a warning names it, and the model still runs on XLA's dot."""
+  code = (
+      "import warnings, numpy as np, jax.numpy as jnp\n"
+      "from recursive_lm.kernels import native, panel_matmul, to_panels\n"
+      "with warnings.catch_warnings(record=True) as w:\n"
+      "  warnings.simplefilter('always')\n"
+      "  assert not native.load()\n"
+      "assert 'no C++ compiler' in str(w[0].message), w\n"
+      "x = np.ones((2, 8), np.float32)\n"
+      "y = panel_matmul(jnp.asarray(x), to_panels(jnp.ones((8, 40))), 40)\n"
+      "assert np.allclose(y, 8.0)\n"
+      "print(native.status())\n")
+  env = dict(os.environ, CXX="no-such-compiler-xyz", RECURSIVE_LM_CACHE=str(tmp_path))
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                       text=True, check=False)
+  assert out.returncode == 0, out.stderr
+  assert "off (no C++ compiler 'no-such-compiler-xyz'" in out.stdout
+
+
+@needs_compiler
+def test_failed_build_leaves_no_library(tmp_path, monkeypatch):
+  bad = tmp_path / "bad.cc"
+  bad.write_text("this is not C++\n")
+  monkeypatch.setattr(native, "SOURCE", str(bad))
+  monkeypatch.setenv("RECURSIVE_LM_CACHE", str(tmp_path / "cache"))
+  with pytest.raises(RuntimeError, match="building bad.cc failed"):
+    native.build()
+  assert not list((tmp_path / "cache" / "kernels").iterdir())  # no partial .so
+
+
+def test_panel_params_do_not_convert_back():
+  cfg = tiny_config()
+  c2, p2 = decode_layout(cfg, init_params(cfg), "panel")
+  assert "lm_head" in p2 and c2.kernel_layout == "panel"  # tied head gets a panel copy
+  with pytest.raises(ConfigError, match="decode-only"):
+    decode_layout(c2, p2, "in_out")
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_panel_engine_generates_the_same_tokens(fuse):
+  cfg = tiny_config(plan=DepthPlan(1, 2, 2, 1), lora_ranks=(("q", 2), ("down", 3)),
+                    eos_id=None)
+  params = init_params(cfg, seed=4)
+  params["lora"] = jax.tree_util.tree_map(
+      lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), params["lora"])
+  prompts = [[3, 4, 5, 6, 7, 8, 9], [11], [20, 21, 22]]
+  ref = Engine(cfg, params).generate(prompts, 10).tokens
+  eng = Engine(cfg, params, kernel_layout="panel", fuse=fuse)
+  assert eng.generate(prompts, 10).tokens == ref
+  if native.load():  # the decode loop really runs the native kernel
+    hlo = eng._generate.lower(eng.params, *_generate_args(eng, prompts)).as_text()
+    assert len(re.findall(native.TARGET, hlo)) >= 3
+
+
+def _generate_args(eng, prompts):
+  from recursive_lm.decode.sampling import SamplingConfig
+  from recursive_lm.nn.model import init_cache
+  b = len(prompts)
+  cache = init_cache(eng.cfg, b, 32)
+  logits = jnp.zeros((b, eng.cfg.vocab_size))
+  lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+  return cache, logits, lengths, jax.random.key(0), 10, SamplingConfig(), True
