@@ -7,7 +7,8 @@ For each batch size: prompt of 32 tokens, 128 new tokens, greedy, float32,
 median over ``--runs`` runs after a warm-up. Roofline: decoding one step
 reads every weight once (f32), so ``steps/s <= bandwidth / weight_bytes``;
 the bandwidth is measured here as the read rate of a 1 GiB array (median of
-numpy and XLA reductions, best of both). transformers (the ``peer`` extra)
+numpy's and XLA's sums and a native streaming read, best of the three).
+transformers (the ``peer`` extra)
 runs on the same weights and thread count when installed. Writes
 ``results/bench_decode.json`` and ``results/bench_decode.md``.
 """
@@ -28,33 +29,46 @@ flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
 flags.DEFINE_integer("prompt_len", 32, "Prompt tokens.")
 flags.DEFINE_integer("new_tokens", 128, "New tokens.")
 flags.DEFINE_integer("runs", 5, "Timed runs per setting (median reported).")
-flags.DEFINE_list("layouts", ["in_out", "out_in", "in_out+fused", "out_in+fused"],
-                  "Engine kernel layouts to try (+fused: concatenated q/k/v, gate/up).")
+flags.DEFINE_list("layouts", ["in_out", "out_in+fused", "panel", "panel+fused"],
+                  "Engine kernel layouts to try (in_out, out_in: XLA dots; panel: the "
+                  "native kernel of recursive_lm/kernels; +fused: concatenated q/k/v, "
+                  "gate/up).")
 flags.DEFINE_bool("peer", True, "Also time transformers if installed.")
 flags.DEFINE_string("out", "results", "Output folder.")
 
 
 def measure_bandwidth(n_bytes: int = 1 << 30, reps: int = 7) -> dict:
+  """Read rate of a 1 GiB f32 array: the best of three readers (median of
+  ``reps`` each): numpy's sum, XLA's sum, and the native streaming kernel
+  (a 1-row panel matmul, which reads the array once, front to back, on all
+  threads; recursive_lm/kernels). The best one is the roofline's bandwidth."""
   import jax
   import jax.numpy as jnp
   import numpy as np
+  from recursive_lm.kernels import native, panel_matmul
+
+  def rate(fn):
+    fn()
+    ts = []
+    for _ in range(reps):
+      t = time.perf_counter()
+      fn()
+      ts.append(time.perf_counter() - t)
+    return n_bytes / statistics.median(ts) / 1e9
+
   a = np.ones(n_bytes // 4, np.float32)
-  t_np = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    a.sum()
-    t_np.append(time.perf_counter() - t)
+  out = {"numpy_sum_GBps": rate(a.sum)}
   x = jnp.asarray(a)
+  del a
   f = jax.jit(jnp.sum)
-  f(x).block_until_ready()
-  t_jx = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    f(x).block_until_ready()
-    t_jx.append(time.perf_counter() - t)
-  bw_np, bw_jx = n_bytes / statistics.median(t_np), n_bytes / statistics.median(t_jx)
-  return {"numpy_sum_GBps": bw_np / 1e9, "xla_sum_GBps": bw_jx / 1e9,
-          "bandwidth_GBps": max(bw_np, bw_jx) / 1e9}
+  out["xla_sum_GBps"] = rate(lambda: f(x).block_until_ready())
+  if native.load():
+    w = x.reshape(-1, 512, 32)
+    row = jnp.ones((1, 512), jnp.float32)
+    g = jax.jit(lambda r, w: panel_matmul(r, w, w.shape[0] * 32, use_native=True))
+    out["native_stream_GBps"] = rate(lambda: g(row, w).block_until_ready())
+  out["bandwidth_GBps"] = max(out.values())
+  return out
 
 
 def bench_engines(m, batch: int, layouts) -> list[dict]:
@@ -124,12 +138,14 @@ def bench_transformers(m, batch: int) -> dict | None:
 def main(_):
   import jax
   from recursive_lm import api
+  from recursive_lm.kernels import status as native_status
   from recursive_lm.nn.model import param_count
   m = api.load(FLAGS.model)
   weight_bytes = param_count(m.params) * 4
   bw = measure_bandwidth()
   print(f"memory read bandwidth: {bw['bandwidth_GBps']:.1f} GB/s "
-        f"(numpy {bw['numpy_sum_GBps']:.1f}, XLA {bw['xla_sum_GBps']:.1f}); weights "
+        f"(numpy {bw['numpy_sum_GBps']:.1f}, XLA {bw['xla_sum_GBps']:.1f}, native "
+        f"{bw.get('native_stream_GBps', float('nan')):.1f}); weights "
         f"{weight_bytes / 1e6:.0f} MB f32", flush=True)
   rows = []
   for b in map(int, FLAGS.batches):
@@ -150,18 +166,23 @@ def main(_):
           "weight_bytes": weight_bytes, "bandwidth": bw, "prompt_len": FLAGS.prompt_len,
           "new_tokens": FLAGS.new_tokens, "runs": FLAGS.runs, "jax": jax.__version__,
           "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+          "native_kernels": native_status(),
           "date": time.strftime("%Y-%m-%d %H:%M")}
   with open(os.path.join(FLAGS.out, "bench_decode.json"), "w") as f:
     json.dump({"meta": meta, "rows": rows}, f, indent=1)
   lines = [f"Decode throughput, {m.cfg.name}, f32, prompt {FLAGS.prompt_len}, "
            f"{FLAGS.new_tokens} new tokens, greedy, median of {FLAGS.runs} runs; memory "
            f"bandwidth {bw['bandwidth_GBps']:.1f} GB/s, weights {weight_bytes / 1e6:.0f} MB.",
-           f"Made by `{meta['command']}` on {meta['date']}.", "",
-           "| batch | engine | new tokens/s | roofline tokens/s | fraction |",
-           "|---|---|---|---|---|"]
+           f"Made by `{meta['command']}` on {meta['date']}; {meta['native_kernels']}.", "",
+           "| batch | engine | new tokens/s | roofline tokens/s | fraction | x transformers |",
+           "|---|---|---|---|---|---|"]
+  peer_tps = {r["batch"]: r["tokens_per_s"] for r in rows
+              if r["engine"].startswith("transformers")}
   for r in rows:
+    vs = (f"{r['tokens_per_s'] / peer_tps[r['batch']]:.2f}x" if r["batch"] in peer_tps
+          else "-")
     lines.append(f"| {r['batch']} | {r['engine']} | {r['tokens_per_s']:.1f} | "
-                 f"{r['roofline_tokens_per_s']:.1f} | {r['fraction_of_roofline']:.0%} |")
+                 f"{r['roofline_tokens_per_s']:.1f} | {r['fraction_of_roofline']:.0%} | {vs} |")
   with open(os.path.join(FLAGS.out, "bench_decode.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))

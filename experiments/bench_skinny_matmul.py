@@ -6,10 +6,11 @@ Decoding at batch B multiplies a [B, d] activation by every weight matrix.
 Weights dominate the bytes, so the ideal is to stream each weight once at
 memory bandwidth whatever B is. This script times a chain of 40 distinct
 SmolLM2-sized [576, 1536] f32 matrices (141 MB, beyond the caches) for
-B = 1..32, in both storage layouts (``in_out``: x @ W[in, out];
-``out_in``: x @ W[out, in].T), and under several XLA CPU options, each in its
-own subprocess (XLA_FLAGS is read once per process). The figure of merit is
-effective weight bandwidth = weight bytes / time.
+B = 1..32, in both XLA storage layouts (``in_out``: x @ W[in, out];
+``out_in``: x @ W[out, in].T) under several XLA CPU options, each in its
+own subprocess (XLA_FLAGS is read once per process), and in the ``panel``
+layout read by recursive_lm's native kernel (recursive_lm/kernels). The figure
+of merit is effective weight bandwidth = weight bytes / time.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import time
 
-BATCHES = (1, 2, 4, 8, 16, 32)
+BATCHES = (1, 2, 4, 8, 16, 32, 64)
 OPTIONS = {
     "default": "",
     "single-thread Eigen": "--xla_cpu_multi_thread_eigen=false",
@@ -35,17 +36,26 @@ rng = np.random.default_rng(0)
 io = [jnp.asarray(rng.standard_normal((K, N), dtype=np.float32)) for _ in range(40)]
 oi = [w.T.copy() for w in io]
 nbytes = sum(w.nbytes for w in io)
+layouts = [("in_out", io), ("out_in", oi)]
+if sys.argv[2] == "1":
+  from recursive_lm.kernels import panel_matmul, to_panels
+  layouts.append(("panel", [to_panels(w) for w in io]))
 def chain(layout):
   @jax.jit
   def f(x, ws):
     acc = 0.
     for w in ws:
-      y = x @ w if layout == "in_out" else jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())))
+      if layout == "in_out":
+        y = x @ w
+      elif layout == "out_in":
+        y = jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())))
+      else:
+        y = panel_matmul(x, w, N, use_native=True)
       acc = acc + y[:, :K]
     return acc
   return f
 out = {}
-for layout, ws in (("in_out", io), ("out_in", oi)):
+for layout, ws in layouts:
   f = chain(layout)
   for b in json.loads(sys.argv[1]):
     x = jnp.ones((b, K), jnp.float32)
@@ -67,7 +77,9 @@ def main():
   results = {}
   for name, flags in OPTIONS.items():
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    p = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(BATCHES)], env=env,
+    with_panel = "1" if name == "default" else "0"  # XLA options don't touch it
+    p = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(BATCHES), with_panel],
+                       env=env,
                        capture_output=True, text=True, timeout=900)
     if p.returncode:
       results[name] = {"error": p.stderr.strip().splitlines()[-1:]}
@@ -87,8 +99,11 @@ def main():
     if "error" in r:
       lines.append(f"| {name} | failed: {r['error']} |")
       continue
-    for layout in ("in_out", "out_in"):
-      lines.append(f"| {name} | {layout} | " + " | ".join(
+    for layout in ("in_out", "out_in", "panel"):
+      if f"{layout}/1" not in r:
+        continue
+      label = "panel (native kernel)" if layout == "panel" else layout
+      lines.append(f"| {name} | {label} | " + " | ".join(
           f"{r[f'{layout}/{b}']['GBps']:.1f}" for b in BATCHES) + " |")
   with open("results/skinny_matmul.md", "w") as f:
     f.write("\n".join(lines) + "\n")

@@ -24,7 +24,7 @@ class LoadedModel:
   def engine(self, batch: int | None = None) -> Engine:
     """An engine in the fastest measured layout for ``batch`` rows of decoding
     (results/bench_decode.md): fused panel kernels read by the native CPU
-    matmul up to 16 rows when it is available, else fused [out, in] kernels at
+    matmul up to 64 rows when it is available, else fused [out, in] kernels at
     batch 1; the training layout otherwise (``None``: scoring)."""
     import jax  # pylint: disable=g-import-not-at-top
     from recursive_lm.kernels import native  # pylint: disable=g-import-not-at-top

@@ -26,8 +26,11 @@ import warnings
 
 import jax
 
-SOURCE = os.path.join(os.path.dirname(__file__), "panel_matmul.cc")
-TARGET = "recursive_lm_panel_matmul"
+SOURCE = os.path.join(os.path.dirname(__file__), "cpu_kernels.cc")
+# XLA FFI target name -> exported handler symbol.
+TARGETS = {"recursive_lm_panel_matmul": "RecursiveLmPanelMatmul",
+           "recursive_lm_cache_attention": "RecursiveLmCacheAttention"}
+PANEL_MATMUL, CACHE_ATTENTION = TARGETS
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 _lock = threading.Lock()
@@ -56,7 +59,7 @@ def library_path(compiler: str) -> str:
     h.update(f.read())
   for part in (compiler, " ".join(FLAGS), jaxlib.__version__, _cpu_fingerprint()):
     h.update(part.encode())
-  return os.path.join(cache_dir(), f"panel_matmul-{h.hexdigest()[:16]}.so")
+  return os.path.join(cache_dir(), f"cpu_kernels-{h.hexdigest()[:16]}.so")
 
 
 def build(compiler: str | None = None) -> str:
@@ -97,8 +100,9 @@ def load() -> bool:
     else:
       try:
         lib = ctypes.cdll.LoadLibrary(build())
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.RecursiveLmPanelMatmul),
-                                    platform="cpu")
+        for target, symbol in TARGETS.items():
+          jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                      platform="cpu")
         ok = True
       except (RuntimeError, OSError, AttributeError) as e:
         why = str(e)
@@ -110,7 +114,7 @@ def load() -> bool:
 
 def status() -> str:
   """One line saying whether the native kernels are in use, and why not."""
-  return "native panel matmul: " + ("on" if load() else f"off ({_state['why']})")
+  return "native CPU kernels: " + ("on" if load() else f"off ({_state['why']})")
 
 
 def _reset_for_tests():

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recursive_lm.config import ModelConfig, RopeConfig
+from recursive_lm.kernels import attention as native_attention
 from recursive_lm.kernels.panel import PANEL, panel_matmul, panels_for
 
 Array = jax.Array
@@ -197,19 +198,35 @@ def attend_cache(q: Array, ck: Array, cv: Array, mask: Array, dtype) -> Array:
   """Attention of q [B, T, H, Dh] over a KV cache [B, Hkv, S, Dh]. Returns [B, T, H*Dh].
 
   Plain batched matmuls over the flat (B*Hkv) batch with the query group folded
-  into rows: no transposed copy of the cache, no per-head loop.
+  into rows: no transposed copy of the cache, no per-head loop. On CPU, f32
+  decoding (up to ``MAX_NATIVE_QUERIES`` query rows) runs the same math in the
+  native kernel of ``recursive_lm.kernels.attention``, which reads only the
+  slots up to the last visible one.
   """
   b, t, h, dh = q.shape
   hkv, s = ck.shape[1], ck.shape[2]
   g = h // hkv
   q = q.reshape(b, t, hkv, g, dh).transpose(0, 2, 1, 3, 4).reshape(b * hkv, t * g, dh)
-  scores = jnp.einsum("nqd,nsd->nqs", q, ck.reshape(b * hkv, s, dh).astype(dtype),
-                      preferred_element_type=jnp.float32) / math.sqrt(dh)
-  scores = jnp.where(mask.reshape(mask.shape[0], 1, t, 1, s),
-                     scores.reshape(b, hkv, t, g, s), jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(b * hkv, t * g, s)
-  out = jnp.einsum("nqs,nsd->nqd", probs, cv.reshape(b * hkv, s, dh).astype(dtype))
+  k, v = ck.reshape(b * hkv, s, dh), cv.reshape(b * hkv, s, dh)
+  mask = jnp.broadcast_to(mask.reshape(mask.shape[0], t, s), (b, t, s))
+  fallback = lambda q, k, v, mask: _attend_flat(q, k, v, mask, hkv, dtype)
+  if all(x.dtype == jnp.float32 for x in (q, k, v)) and native_attention.usable(b * t, dtype):
+    out = native_attention.cache_attention(q, k, v, mask, fallback)
+  else:
+    out = fallback(q, k, v, mask)
   return out.reshape(b, hkv, t, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, t, h * dh)
+
+
+def _attend_flat(q, k, v, mask, hkv, dtype):
+  """XLA attention: q [B*Hkv, T*G, Dh], k/v [B*Hkv, S, Dh], mask [B, T, S]."""
+  n, tg, dh = q.shape
+  b, t, s = mask.shape
+  scores = jnp.einsum("nqd,nsd->nqs", q, k.astype(dtype),
+                      preferred_element_type=jnp.float32) / math.sqrt(dh)
+  scores = jnp.where(mask.reshape(b, 1, t, 1, s), scores.reshape(b, hkv, t, tg // t, s),
+                     jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(n, tg, s)
+  return jnp.einsum("nqs,nsd->nqd", probs, v.astype(dtype))
 
 
 def projections(module: nn.Module, cfg: ModelConfig, x, parts, fused_name, lora):
