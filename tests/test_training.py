@@ -345,3 +345,17 @@ def test_cpu_train_compiler_options_keep_the_step_numerics():
   np.testing.assert_allclose(outs[0][1]["loss"], outs[1][1]["loss"], rtol=1e-6)
   # One Adam step from float-rounding-level gradient differences (other matmul paths).
   _assert_trees_close(outs[0][0].params, outs[1][0].params, atol=1e-5)
+
+
+def test_dense_custom_vjp_matches_autodiff():
+  """layers.dense (canonical weight-gradient matmul on CPU) == autodiff of x @ w."""
+  from recursive_lm.nn.layers import dense
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 5, 12)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((12, 7)), jnp.float32)
+  g = jnp.asarray(rng.standard_normal((2, 5, 7)), jnp.float32)
+  ref = jax.grad(lambda x, w: jnp.sum((x @ w) * g), (0, 1))(x, w)
+  got = jax.jit(jax.grad(lambda x, w: jnp.sum(dense(x, w) * g), (0, 1)))(x, w)
+  for a, b in zip(got, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dense(x, w), x @ w, rtol=1e-6)
