@@ -1,6 +1,6 @@
 """Where a decode step's time goes on XLA:CPU: per-op wall time from a profiler trace.
 
-    python experiments/profile_decode.py                       # batch 1, out_in+fused
+    python experiments/profile_decode.py                       # batch 1, panel+fused
     python experiments/profile_decode.py --batch=8 --layout=in_out --top=25
 
 Runs the engine's compiled decode loop once under ``jax.profiler`` (a Perfetto
@@ -25,7 +25,7 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Model to profile.")
 flags.DEFINE_integer("batch", 1, "Rows decoded together.")
-flags.DEFINE_string("layout", "out_in+fused", "Engine kernel layout (as bench_decode).")
+flags.DEFINE_string("layout", "panel+fused", "Engine kernel layout (as bench_decode).")
 flags.DEFINE_integer("prompt_len", 32, "Prompt tokens.")
 flags.DEFINE_integer("new_tokens", 128, "New tokens (decode steps + 1).")
 flags.DEFINE_integer("top", 20, "Rows of the per-shape table.")

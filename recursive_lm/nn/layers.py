@@ -157,7 +157,7 @@ class Linear(nn.Module):
       y = dense(x, kernel.astype(self.dtype))
     if lora is not None:
       a, b = lora
-      y = y + ((x @ a.astype(self.dtype)) @ b.astype(self.dtype)) * self.lora_scale
+      y = y + dense(dense(x, a.astype(self.dtype)), b.astype(self.dtype)) * self.lora_scale
     return y
 
 
