@@ -6,9 +6,10 @@
 For each batch size: prompt of 32 tokens, 128 new tokens, greedy, float32,
 median over ``--runs`` runs after a warm-up. Roofline: decoding one step
 reads every weight once (f32), so ``steps/s <= bandwidth / weight_bytes``;
-the bandwidth is measured here as the read rate of a 1 GiB array (median of
-numpy's and XLA's sums and a native streaming read, best of the three),
-before and after the engines run; the higher of the two is used.
+the bandwidth is the read rate of a 1 GiB array (best of 3 reads by XLA's sum
+and by a native streaming read), probed right before every timed run because
+this machine's bandwidth drifts by 20-50% over minutes; each run is set
+against its own roofline and the median fraction is reported.
 transformers (the ``peer`` extra)
 runs on the same weights and thread count when installed. Writes
 ``results/bench_decode.json`` and ``results/bench_decode.md``.
@@ -72,7 +73,37 @@ def measure_bandwidth(n_bytes: int = 1 << 30, reps: int = 7) -> dict:
   return out
 
 
-def bench_engines(m, batch: int, layouts) -> list[dict]:
+class BandwidthProbe:
+  """A quick read-rate measurement taken right before every timed run: this
+  machine's memory bandwidth drifts by 20-50% over minutes (other tenants),
+  so each run is set against the bandwidth of its own moment."""
+
+  def __init__(self, n_bytes: int = 1 << 30):
+    import jax
+    import jax.numpy as jnp
+    from recursive_lm.kernels import native, panel_matmul
+    self.n_bytes = n_bytes
+    x = jnp.ones((n_bytes // 4,), jnp.float32)
+    s = jax.jit(jnp.sum)
+    self.readers = [lambda: s(x).block_until_ready()]
+    if native.load():
+      w, row = x.reshape(-1, 512, 32), jnp.ones((1, 512), jnp.float32)
+      g = jax.jit(lambda r, w: panel_matmul(r, w, w.shape[0] * 32, use_native=True))
+      self.readers.append(lambda: g(row, w).block_until_ready())
+    self()
+
+  def __call__(self, reps: int = 3) -> float:
+    """Best read rate (GB/s) of ``reps`` reads by each reader."""
+    best = 0.0
+    for read in self.readers:
+      for _ in range(reps):
+        t = time.perf_counter()
+        read()
+        best = max(best, self.n_bytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def bench_engines(m, batch: int, layouts, probe: BandwidthProbe) -> list[dict]:
   """Times each layout; runs are interleaved so machine noise hits all alike."""
   from recursive_lm.decode.engine import Engine
   engines = {lay: Engine(m.cfg.replace(eos_id=None), m.params,
@@ -84,8 +115,10 @@ def bench_engines(m, batch: int, layouts) -> list[dict]:
     eng.generate(prompts, FLAGS.new_tokens, stop_at_eos=False)  # warm-up / compile
   step_s = {lay: [] for lay in layouts}
   total = {lay: [] for lay in layouts}
+  bw = {lay: [] for lay in layouts}
   for _ in range(FLAGS.runs):
     for lay, eng in engines.items():
+      bw[lay].append(probe())
       o = eng.generate(prompts, FLAGS.new_tokens, stop_at_eos=False)
       step_s[lay].append(o.decode_seconds / o.steps)
       total[lay].append(o.prefill_seconds + o.decode_seconds)
@@ -96,11 +129,11 @@ def bench_engines(m, batch: int, layouts) -> list[dict]:
                 "tokens_per_s": batch / s, "step_ms": s * 1e3,
                 "end_to_end_tokens_per_s":
                     batch * FLAGS.new_tokens / statistics.median(total[lay]),
-                "runs": [batch / x for x in step_s[lay]]})
+                "runs": [batch / x for x in step_s[lay]], "run_bandwidth_GBps": bw[lay]})
   return out
 
 
-def bench_transformers(m, batch: int) -> dict | None:
+def bench_transformers(m, batch: int, probe: BandwidthProbe) -> dict | None:
   try:
     import torch
     import transformers
@@ -122,8 +155,9 @@ def bench_transformers(m, batch: int) -> dict | None:
             do_sample=False, use_cache=True, pad_token_id=0)
   with torch.inference_mode():
     model.generate(ids, **kw)
-    ts = []
+    ts, bws = [], []
     for _ in range(FLAGS.runs):
+      bws.append(probe())
       t = time.perf_counter()
       model.generate(ids, **kw)
       ts.append(time.perf_counter() - t)
@@ -133,7 +167,7 @@ def bench_transformers(m, batch: int) -> dict | None:
           "batch": batch, "tokens_per_s": batch * FLAGS.new_tokens / s,
           "step_ms": s / FLAGS.new_tokens * 1e3,
           "end_to_end_tokens_per_s": batch * FLAGS.new_tokens / s,
-          "runs": [batch * FLAGS.new_tokens / x for x in ts]}
+          "runs": [batch * FLAGS.new_tokens / x for x in ts], "run_bandwidth_GBps": bws}
 
 
 def main(_):
@@ -152,26 +186,32 @@ def main(_):
           f"{weight_bytes / 1e6:.0f} MB f32", flush=True)
     return bw
 
-  # This machine's bandwidth drifts by 10-20% over minutes: measure it before
-  # and after the engines and use the best, so no figure flatters the engine.
+  # The full measurement (three readers) before and after, for the record; the
+  # roofline of each run uses the probe taken right before it.
   bws = [bandwidth("before")]
+  probe = BandwidthProbe()
   rows = []
   for b in map(int, FLAGS.batches):
-    res = bench_engines(m, b, FLAGS.layouts)
+    res = bench_engines(m, b, FLAGS.layouts, probe)
     if FLAGS.peer:
-      peer = bench_transformers(m, b)
+      peer = bench_transformers(m, b, probe)
       if peer:
         res.append(peer)
     for r in res:
-      print(f"batch {b:2d} {r['engine']:55s} {r['tokens_per_s']:7.1f} tok/s", flush=True)
+      per_run = [tps * weight_bytes / (b * g * 1e9)
+                 for tps, g in zip(r["runs"], r["run_bandwidth_GBps"])]
+      r["fraction_of_roofline"] = statistics.median(per_run)
+      r["roofline_tokens_per_s"] = (b * statistics.median(r["run_bandwidth_GBps"]) * 1e9
+                                    / weight_bytes)
+      print(f"batch {b:2d} {r['engine']:55s} {r['tokens_per_s']:7.1f} tok/s "
+            f"({r['fraction_of_roofline']:.0%} of roofline, bandwidth "
+            f"{min(r['run_bandwidth_GBps']):.1f}-{max(r['run_bandwidth_GBps']):.1f} GB/s)",
+            flush=True)
       rows.append(r)
   bws.append(bandwidth("after"))
-  bw = max(bws, key=lambda x: x["bandwidth_GBps"])
-  bw["measurements"] = [x["bandwidth_GBps"] for x in bws]
-  for r in rows:
-    roof = r["batch"] * bw["bandwidth_GBps"] * 1e9 / weight_bytes
-    r["roofline_tokens_per_s"] = roof
-    r["fraction_of_roofline"] = r["tokens_per_s"] / roof
+  run_bw = [g for r in rows for g in r["run_bandwidth_GBps"]]
+  bw = {"before_after": bws, "runs_min_GBps": min(run_bw), "runs_max_GBps": max(run_bw),
+        "runs_median_GBps": statistics.median(run_bw)}
   os.makedirs(FLAGS.out, exist_ok=True)
   meta = {"command": "python " + " ".join(sys.argv), "model": m.cfg.name,
           "weight_bytes": weight_bytes, "bandwidth": bw, "prompt_len": FLAGS.prompt_len,
@@ -182,10 +222,12 @@ def main(_):
   with open(os.path.join(FLAGS.out, "bench_decode.json"), "w") as f:
     json.dump({"meta": meta, "rows": rows}, f, indent=1)
   lines = [f"Decode throughput, {m.cfg.name}, f32, prompt {FLAGS.prompt_len}, "
-           f"{FLAGS.new_tokens} new tokens, greedy, median of {FLAGS.runs} runs; memory "
-           f"bandwidth {bw['bandwidth_GBps']:.1f} GB/s (best of "
-           f"{', '.join(f'{x:.1f}' for x in bw['measurements'])} measured before and "
-           f"after), weights {weight_bytes / 1e6:.0f} MB.",
+           f"{FLAGS.new_tokens} new tokens, greedy, median of {FLAGS.runs} runs; weights "
+           f"{weight_bytes / 1e6:.0f} MB. Memory bandwidth probed before every run: "
+           f"{bw['runs_min_GBps']:.1f}-{bw['runs_max_GBps']:.1f} GB/s (median "
+           f"{bw['runs_median_GBps']:.1f}); fraction = median over runs of tokens/s "
+           "over that run's roofline; roofline column at the median bandwidth of the "
+           "row's runs.",
            f"Made by `{meta['command']}` on {meta['date']}; {meta['native_kernels']}.", "",
            "| batch | engine | new tokens/s | roofline tokens/s | fraction | x transformers |",
            "|---|---|---|---|---|---|"]
