@@ -73,7 +73,14 @@ def build(compiler: str | None = None) -> str:
   path = library_path(compiler)
   if os.path.exists(path):
     return path
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+  except OSError:  # read-only home: build into the temp folder instead
+    path = os.path.join(tempfile.gettempdir(), "recursive_lm-kernels",
+                        os.path.basename(path))
+    if os.path.exists(path):
+      return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
   os.close(fd)
   try:
