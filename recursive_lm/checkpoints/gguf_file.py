@@ -7,6 +7,7 @@ llama.cpp's Q/K row permutation is undone so that the weights work with HF
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -72,6 +73,89 @@ def reverse_permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
   """
   return (w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
           .swapaxes(1, 2).reshape(w.shape))
+
+
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def llama3_freq_factors(rope: RopeConfig, head_dim: int) -> np.ndarray:
+  """llama.cpp's ``rope_freqs`` for ``rope``: base / scaled inverse frequency,
+  per frequency (what convert_hf_to_gguf writes for ``rope_type: llama3``)."""
+  from recursive_lm.nn.layers import rope_inv_freq
+  base = rope_inv_freq(RopeConfig(theta=rope.theta), head_dim).astype(np.float64)
+  return base / rope_inv_freq(rope, head_dim).astype(np.float64)
+
+
+def rope_from_freq_factors(factors: np.ndarray, theta: float, head_dim: int,
+                           original_ctx: int | None = None, path: str = "GGUF"
+                           ) -> RopeConfig:
+  """The ``RopeConfig`` whose per-frequency factors equal llama.cpp's ``rope_freqs``.
+
+  Llama-3.x GGUF files carry the llama3 RoPE scaling only as this tensor
+  (frequency i is divided by ``factors[i]``). The llama3 rule depends on
+  ``low_freq_factor`` / ``high_freq_factor`` only through their ratios to
+  ``original_max_position`` (``original_ctx``, default 8192), so those are
+  recovered from the factors: ``factor`` is the low-frequency plateau and the
+  smoothed band between gives ``(low, high) / original`` by least squares; a
+  band of 0 or 1 frequencies puts the thresholds between the neighbouring
+  frequencies (every choice there gives the same factors). All ones is plain
+  RoPE and a constant is linear scaling. The result is checked by recomputing
+  the factors.
+
+  Raises:
+    ConfigError: the tensor has the wrong length or does not follow the rule.
+  """
+  n = head_dim // 2
+  f = np.asarray(factors, np.float64).reshape(-1)
+  if f.size != n or not np.all(np.isfinite(f)) or np.any(f <= 0):
+    raise ConfigError(f"{path}: rope_freqs.weight has {f.size} values (need {n} "
+                      "positive ones, one per rotary frequency of head_dim "
+                      f"{head_dim}); the file is not a llama.cpp Llama-3 export")
+  if np.allclose(f, 1.0, rtol=1e-6, atol=0):
+    return RopeConfig(theta=theta)
+  if np.allclose(f, f[0], rtol=1e-6, atol=0):
+    return RopeConfig(theta=theta, scaling="linear", factor=float(f[0]))
+  big = float(f.max())
+  inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+  x = inv / (2 * math.pi)            # 1 / wavelength
+  tol = 1e-5
+  one = np.abs(f - 1) <= tol
+  plateau = np.abs(f - big) <= tol * big
+  mid = ~one & ~plateau
+  s = (1 / f[mid] - 1 / big) / (1 - 1 / big)   # smooth factor of the band
+  x1 = x[one].min() if one.any() else None      # slowest unscaled frequency
+  xf = x[plateau].max() if plateau.any() else None  # fastest fully scaled one
+  if mid.sum() >= 2:
+    slope, a = np.polyfit(s, x[mid], 1)         # x = a + s * (b - a)
+    b = a + slope
+  else:
+    lo = xf if xf is not None else 0.0
+    hi = x1 if x1 is not None else 2 * x.max()
+    if mid.sum() == 1:
+      xm, sm = float(x[mid][0]), float(s[0])
+      bounds = [(xm - lo) / sm if sm > 0 else np.inf,
+                (hi - xm) / (1 - sm) if sm < 1 else np.inf]
+      d = 0.5 * min(bounds)
+      a, b = xm - sm * d, xm + (1 - sm) * d
+    else:
+      a, b = lo + (hi - lo) / 3, lo + 2 * (hi - lo) / 3
+  orig = int(original_ctx or 8192)
+  rope = None
+  if b > a > 0:
+    try:
+      rope = RopeConfig(theta=theta, scaling="llama3", factor=big,
+                        low_freq_factor=float(a * orig),
+                        high_freq_factor=float(b * orig),
+                        original_max_position=orig)
+    except ConfigError:
+      rope = None
+  if rope is None or not np.allclose(llama3_freq_factors(rope, head_dim), f,
+                                     rtol=1e-4, atol=0):
+    raise ConfigError(f"{path}: rope_freqs.weight {np.round(f, 4).tolist()} does not "
+                      "follow Llama-3's RoPE scaling rule (1 for fast frequencies, a "
+                      "constant factor for slow ones, smoothed between); import the "
+                      "HF folder instead")
+  return rope
 
 
 def _open_reader(path: str):
@@ -212,18 +296,23 @@ def load_gguf(path: str | os.PathLike, *, validate: bool = True,
   reader = _open_reader(path)
   config = config_from_gguf(reader, path)
 
-  if any(t.name == "rope_freqs.weight" for t in reader.tensors):
-    raise ConfigError(f"{path}: has rope_freqs.weight (llama.cpp's Llama-3.1 rope "
-                      "scaling), which is not supported; import the HF folder")
-  unknown = [t.name for t in reader.tensors if gguf_to_hf_name(t.name) is None]
+  tensors = [t for t in reader.tensors if t.name != ROPE_FREQS]
+  rope_t = [t for t in reader.tensors if t.name == ROPE_FREQS]
+  if rope_t:
+    factors = gguf.quants.dequantize(rope_t[0].data, rope_t[0].tensor_type)
+    config = config.replace(rope=rope_from_freq_factors(
+        np.asarray(factors, np.float64).reshape(-1), config.rope.theta,
+        config.head_dim, _value(reader, "llama.rope.scaling.original_context_length"),
+        path))
+  unknown = [t.name for t in tensors if gguf_to_hf_name(t.name) is None]
   if unknown:
     raise CheckpointError(f"{path}: tensors with no Llama counterpart: "
                           f"{_short_list(unknown)}")
   weights: dict[str, np.ndarray] = {}
-  bar = _progress(len(reader.tensors), f"dequantizing {os.path.basename(path)}",
+  bar = _progress(len(tensors), f"dequantizing {os.path.basename(path)}",
                   progress)
   try:
-    for t in reader.tensors:
+    for t in tensors:
       shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # ne is reversed.
       if t.data.nbytes != t.n_bytes:
         raise CheckpointError(
