@@ -178,8 +178,7 @@ def load_model(folder: str | os.PathLike) -> LoadedModel:
   params = unflatten_params(flat)
   check_params(cfg, params, source=params_path)
   dt = np.dtype(cfg.param_dtype)
-  if dt != np.float32:
-    params = jax.tree_util.tree_map(lambda x: x.astype(dt), params)
+  params = jax.tree_util.tree_map(lambda x: x if x.dtype == dt else x.astype(dt), params)
   tokenizer = None
   tok_json = os.path.join(folder, "tokenizer.json")
   if os.path.exists(tok_json):
@@ -189,29 +188,78 @@ def load_model(folder: str | os.PathLike) -> LoadedModel:
   return LoadedModel(cfg, params, tokenizer)
 
 
+EXPORT_DTYPES = ("float32", "bfloat16")
+DEFAULT_SHARD_BYTES = 5 * 2**30
+
+
+def _shards(weights: Mapping[str, np.ndarray], max_bytes: int) -> list[list[str]]:
+  """Tensor names split in file order into groups of at most ``max_bytes``
+  (a tensor larger than that gets a shard of its own)."""
+  groups: list[list[str]] = [[]]
+  size = 0
+  for name, arr in weights.items():
+    if groups[-1] and size + arr.nbytes > max_bytes:
+      groups.append([])
+      size = 0
+    groups[-1].append(name)
+    size += arr.nbytes
+  return groups
+
+
 def export_unrolled_hf(folder: str | os.PathLike, cfg: ModelConfig,
-                       params: Mapping, tokenizer: Tokenizer | None = None) -> str:
+                       params: Mapping, tokenizer: Tokenizer | None = None, *,
+                       dtype: str = "float32",
+                       max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> str:
   """Writes a standard HF Llama folder for the unrolled form of the model.
 
   ``config.json`` is ``cfg.to_hf_config()`` (``num_hidden_layers`` = effective
-  depth), ``model.safetensors`` holds float32 ``hf_from_params`` tensors (LoRA
-  merged per loop, ``metadata={"format": "pt"}``), and ``tokenizer.json`` /
-  ``tokenizer_config.json`` are written when ``tokenizer`` is given.
+  depth, ``torch_dtype`` = ``dtype``), the weights are ``hf_from_params``
+  tensors (LoRA merged per loop, computed in float32, then stored as ``dtype``:
+  "float32" or "bfloat16") with ``metadata={"format": "pt"}``: one
+  ``model.safetensors``, or above ``max_shard_bytes`` shards
+  ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``
+  (transformers' layout). ``tokenizer.json`` / ``tokenizer_config.json`` are
+  written when ``tokenizer`` is given.
 
   Raises:
-    CheckpointError: when ``params`` do not fit ``cfg`` (nothing is written).
+    CheckpointError: when ``params`` do not fit ``cfg`` or ``dtype`` is not
+      supported (nothing is written).
   Returns:
     The folder path.
   """
   folder = os.fspath(folder)
+  if dtype not in EXPORT_DTYPES:
+    raise CheckpointError(f"export dtype {dtype!r} is not supported; use one of "
+                          f"{EXPORT_DTYPES}")
+  if max_shard_bytes < 1:
+    raise CheckpointError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
   check_params(cfg, params)
   hf_cfg = cfg.to_hf_config()
+  hf_cfg["torch_dtype"] = dtype
   weights = W.hf_from_params(cfg, params)
   validate_weights(ModelConfig.from_hf_config(hf_cfg), weights,
                    source="export_unrolled_hf")
+  if dtype == "bfloat16":
+    import ml_dtypes
+    weights = {k: v.astype(ml_dtypes.bfloat16) for k, v in weights.items()}
   os.makedirs(folder, exist_ok=True)
-  _write_safetensors(os.path.join(folder, "model.safetensors"), weights,
-                     {"format": "pt"})
+  for old in os.listdir(folder):  # a previous export's files would shadow these
+    if old.endswith(".safetensors") or old == "model.safetensors.index.json":
+      os.remove(os.path.join(folder, old))
+  groups = _shards(weights, max_shard_bytes)
+  if len(groups) == 1:
+    _write_safetensors(os.path.join(folder, "model.safetensors"), weights,
+                       {"format": "pt"})
+  else:
+    weight_map = {}
+    for i, names in enumerate(groups):
+      file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+      _write_safetensors(os.path.join(folder, file), {k: weights[k] for k in names},
+                         {"format": "pt"})
+      weight_map.update({k: file for k in names})
+    _write_json(os.path.join(folder, "model.safetensors.index.json"), {
+        "metadata": {"total_size": int(sum(v.nbytes for v in weights.values()))},
+        "weight_map": weight_map})
   _write_json(os.path.join(folder, "config.json"), hf_cfg)
   gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
          if k in hf_cfg}

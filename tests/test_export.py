@@ -84,20 +84,69 @@ def test_unrolled_export_loads_with_load_checkpoint(tmp_path, fixture):
   np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def _peer(name):
+  """``name`` imported; skipped when missing, except under RLM_REQUIRE_PEER=1 (CI)."""
+  if os.environ.get("RLM_REQUIRE_PEER") == "1":
+    import importlib
+    try:
+      return importlib.import_module(name)
+    except ImportError:
+      pytest.fail(f"{name} is not installed but RLM_REQUIRE_PEER=1: install the peer "
+                  "extra (pip install -e '.[peer]')")
+  return pytest.importorskip(name)
+
+
+def _bf16_params(params):
+  """``params`` rounded to bfloat16 and back (what a bf16 export stores, exactly)."""
+  return jax.tree_util.tree_map(
+      lambda x: np.asarray(x).astype(jax.numpy.bfloat16).astype(np.float32), params)
+
+
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_llama3_rope"])
-def test_unrolled_export_matches_transformers(tmp_path, fixture):
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_unrolled_export_matches_transformers(tmp_path, fixture, dtype):
+  torch = _peer("torch")
+  transformers = _peer("transformers")
   cfg, params = _recursive("cycle", fixture)
   assert cfg.plan == DepthPlan(0, 2, 2, 0)
-  want = _logits(cfg, params)
-  export_unrolled_hf(tmp_path, cfg, params)
-  model = transformers.LlamaForCausalLM.from_pretrained(
-      str(tmp_path), dtype=torch.float32)
-  model.eval()
+  # bf16 export: LoRA is merged in f32, then each unrolled tensor is rounded.
+  export_unrolled_hf(tmp_path, cfg, params, dtype=dtype, max_shard_bytes=40_000)
+  assert (tmp_path / "model.safetensors.index.json").exists()  # sharded
+  assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == dtype
+  ck = load_checkpoint(str(tmp_path))
+  if dtype == "float32":
+    want = _logits(cfg, params)
+  else:
+    assert {str(w.dtype) for w in ck.weights.values()} == {"bfloat16"}
+    hf32 = {k: w.astype(np.float32) for k, w in W.hf_from_params(cfg, params).items()}
+    rounded = {k: w.astype(jax.numpy.bfloat16).astype(np.float32) for k, w in hf32.items()}
+    for k, w in ck.weights.items():
+      np.testing.assert_array_equal(np.asarray(w, np.float32), rounded[k], err_msg=k)
+    want = _logits(ck.config, W.params_from_hf(ck.config, rounded))
+  ours = _logits(ck.config, W.params_from_hf(ck.config, ck.weights))
+  np.testing.assert_allclose(ours, want, atol=1e-5)
+  tokens = torch.as_tensor(TOKENS, dtype=torch.long)
+  model = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
   with torch.no_grad():
-    got = model(torch.as_tensor(TOKENS, dtype=torch.long)).logits.numpy()
+    got = model.eval()(tokens).logits.numpy()
   np.testing.assert_allclose(got, want, atol=1e-4)
+  if dtype == "bfloat16":
+    # transformers computing in bf16 (its dtype="auto" reads torch_dtype) stays
+    # within bf16 rounding of the f32 logits.
+    model = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path), dtype="auto")
+    assert model.dtype == torch.bfloat16
+    with torch.no_grad():
+      got16 = model.eval()(tokens).logits.float().numpy()
+    scale = np.abs(want).max()
+    assert np.abs(got16 - want).max() < 0.05 * scale
+    assert (got16.argmax(-1) == want.argmax(-1)).mean() > 0.9
+
+
+def test_export_dtype_errors(tmp_path):
+  cfg, params = _recursive()
+  with pytest.raises(CheckpointError, match="export dtype 'float16' is not supported"):
+    export_unrolled_hf(tmp_path / "x", cfg, params, dtype="float16")
+  assert not (tmp_path / "x").exists()
 
 
 def test_load_model_errors(tmp_path):

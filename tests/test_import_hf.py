@@ -83,24 +83,42 @@ def test_sharded_roundtrip(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16])
-def test_half_precision_upcast(tmp_path, dtype):
+def test_half_precision_kept_or_upcast(tmp_path, dtype):
   config = tiny_config()
   src = random_weights(config)
   _, want = write_folder(tmp_path / "m", config, src, dtype=dtype)
   ck = load_hf_folder(tmp_path / "m")
-  assert_same(ck.weights, want)  # Exactly the float32 value of each bf16/f16.
+  assert set(ck.weights) == set(want)
+  for k, w in ck.weights.items():  # stored dtype kept on the host
+    assert w.dtype == np.dtype(dtype), k
+    np.testing.assert_array_equal(w.astype(np.float32), want[k], err_msg=k)
+  assert_same(load_hf_folder(tmp_path / "m", dtype=np.float32).weights, want)
   w = "model.layers.0.mlp.up_proj.weight"
-  assert not np.array_equal(ck.weights[w], src[w])
-  np.testing.assert_allclose(ck.weights[w], src[w], rtol=1e-2, atol=1e-2)
+  assert not np.array_equal(want[w], src[w])
+  np.testing.assert_allclose(want[w], src[w], rtol=1e-2, atol=1e-2)
 
 
-def test_bf16_raw_reader_matches(tmp_path):
+def test_bf16_read_by_library_and_cast_on_device(tmp_path):
+  import jax
+  from recursive_lm.checkpoints import weights_to_device
   a = np.random.default_rng(0).standard_normal((5, 7)).astype(ml_dtypes.bfloat16)
   save_file({"x": a, "y": a[:2].astype(np.float32)}, str(tmp_path / "t.safetensors"))
-  raw = hf_folder._read_raw(str(tmp_path / "t.safetensors"), ["x", "y"])
-  np.testing.assert_array_equal(raw["x"].astype(np.float32), a.astype(np.float32))
+  assert not hasattr(hf_folder, "_read_raw")  # no hand parsing of the format
   got = read_safetensors(str(tmp_path / "t.safetensors"))
-  assert got["x"].dtype == np.float32 and list(got) == ["x", "y"]
+  assert list(got) == ["x", "y"] and got["x"].dtype == ml_dtypes.bfloat16
+  np.testing.assert_array_equal(got["x"], a)
+  assert read_safetensors(str(tmp_path / "t.safetensors"), np.float32)["x"].dtype == np.float32
+  dev = weights_to_device(got, "float32")
+  assert not got  # host arrays are released as they move
+  assert isinstance(dev["x"], jax.Array) and dev["x"].dtype == np.float32
+  np.testing.assert_array_equal(np.asarray(dev["x"]), a.astype(np.float32))
+  assert weights_to_device({"x": a}, None)["x"].dtype == ml_dtypes.bfloat16
+
+
+def test_non_float_tensors_rejected(tmp_path):
+  save_file({"x": np.zeros(3, np.int32)}, str(tmp_path / "i.safetensors"))
+  with pytest.raises(CheckpointError, match=r"non-float tensors \[x \(I32\)\]"):
+    read_safetensors(str(tmp_path / "i.safetensors"))
 
 
 def test_tied_checkpoint_with_redundant_lm_head(tmp_path):

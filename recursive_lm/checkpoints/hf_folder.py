@@ -1,16 +1,18 @@
 """Canonical checkpoint format and the Hugging Face folder importer.
 
-The canonical in-memory checkpoint is a flat dict of float32 numpy arrays
-with Hugging Face Llama names and layouts ([out, in] linear weights, Q/K rows
-in HF "rotate-half" order). Every importer returns a ``LoadedCheckpoint``
-whose weights pass ``validate_weights``.
+The canonical in-memory checkpoint is a flat dict of float numpy arrays with
+Hugging Face Llama names and layouts ([out, in] linear weights, Q/K rows in HF
+"rotate-half" order): float32 from GGUF (dequantized), the stored dtype from
+safetensors (bf16 stays bf16 on the host; ``weights_to_device`` casts it on
+the device). Every importer returns a ``LoadedCheckpoint`` whose weights pass
+``validate_weights``.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -18,12 +20,6 @@ from recursive_lm.config import ConfigError, ModelConfig
 from recursive_lm.tokenizer import Tokenizer
 
 _MAX_LISTED = 8
-# safetensors dtypes that numpy lacks natively; read through ml_dtypes.
-_ML_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
-              "F8_E5M2": "float8_e5m2"}
-_NP_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-              "U8": np.uint8, "BOOL": np.bool_}
 
 
 class CheckpointError(ConfigError):
@@ -109,58 +105,66 @@ def validate_weights(config: ModelConfig, weights: Mapping[str, np.ndarray],
 
 
 # --- safetensors -------------------------------------------------------------
-def _read_raw(path: str, names: list[str]) -> dict[str, np.ndarray]:
-  """Reads tensors straight from the file bytes (for dtypes numpy lacks)."""
-  import ml_dtypes
-  with open(path, "rb") as f:
-    n = int(np.frombuffer(f.read(8), dtype="<u8")[0])
-    header = json.loads(f.read(n))
-  base = 8 + n
-  raw = np.memmap(path, dtype=np.uint8, mode="r")
-  out = {}
-  for name in names:
-    info = header[name]
-    kind = info["dtype"]
-    dt = (np.dtype(getattr(ml_dtypes, _ML_DTYPES[kind])) if kind in _ML_DTYPES
-          else np.dtype(_NP_DTYPES[kind]))
-    b, e = info["data_offsets"]
-    buf = raw[base + b: base + e]
-    out[name] = buf.view(dt.newbyteorder("<")).reshape(info["shape"])
-  return out
+_FLOAT_KINDS = ("F64", "F32", "F16", "BF16")
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """All tensors of one ``.safetensors`` file, upcast to float32.
+def read_safetensors(path: str, dtype=None) -> dict[str, np.ndarray]:
+  """All tensors of one ``.safetensors`` file, through the safetensors library.
 
-  BF16/FP8 tensors are read through ``ml_dtypes`` from the raw bytes, so this
-  works whether or not the installed ``safetensors`` supports them in numpy.
+  Args:
+    path: the file.
+    dtype: None keeps each tensor's stored dtype (BF16 comes back as an
+      ``ml_dtypes.bfloat16`` numpy array, half the bytes of float32); a numpy
+      dtype casts every tensor on the host (``np.float32``: the old behaviour).
 
   Raises:
-    CheckpointError: when the file is not valid safetensors.
+    CheckpointError: when the file is not valid safetensors or holds
+      non-float tensors (FP8 and integer tensors are not model weights here).
   """
   from safetensors import safe_open
   try:
     with safe_open(path, framework="numpy") as f:
       names = list(f.keys())
       kinds = {k: f.get_slice(k).get_dtype() for k in names}
-      out = {k: f.get_tensor(k) for k in names if kinds[k] not in _ML_DTYPES}
-    special = [k for k in names if kinds[k] in _ML_DTYPES]
-    if special:
-      out.update(_read_raw(path, special))
+      bad = [f"{k} ({kinds[k]})" for k in names if kinds[k] not in _FLOAT_KINDS]
+      if bad:
+        raise CheckpointError(f"{path}: non-float tensors {_short_list(bad)}; expected "
+                              "F32/F16/BF16 weights")
+      out = {}
+      for k in names:
+        a = f.get_tensor(k)
+        out[k] = a if dtype is None or a.dtype == np.dtype(dtype) else a.astype(dtype)
   except CheckpointError:
     raise
   except Exception as e:  # SafetensorError, OSError, JSON/shape errors.
     raise CheckpointError(
         f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); "
         "re-download or re-export it") from e
-  bad = [f"{k} ({kinds[k]})" for k in names
-         if kinds[k] not in _ML_DTYPES and kinds[k] not in ("F64", "F32", "F16")]
-  if bad:
-    raise CheckpointError(f"{path}: non-float tensors {_short_list(bad)}; expected "
-                          "F32/F16/BF16 weights")
-  for k, a in out.items():
-    out[k] = np.asarray(a, dtype=np.float32)
-  return {k: out[k] for k in names}
+  return out
+
+
+def weights_to_device(weights: dict[str, Any], dtype="float32", sharding=None
+                      ) -> dict[str, Any]:
+  """Moves host weights to the device one tensor at a time, then casts there.
+
+  A bf16 checkpoint crosses to the device in bf16 and becomes ``dtype`` on
+  the device (``jax.device_put(x, sharding).astype(dtype)``); each host array
+  is dropped from ``weights`` once it is on the device, so the host never
+  holds a float32 copy. ``sharding``: one ``jax.sharding.Sharding`` for all,
+  a ``{name: Sharding}`` dict, or None (default device).
+
+  Returns:
+    ``{name: jax.Array}`` in ``weights``' order (``weights`` ends up empty).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  out = {}
+  for name in list(weights):
+    host = weights.pop(name)
+    sh = sharding.get(name) if isinstance(sharding, Mapping) else sharding
+    x = jax.device_put(host, sh)
+    del host
+    out[name] = x if dtype is None or x.dtype == np.dtype(dtype) else x.astype(dtype)
+  return out
 
 
 def _weight_files(folder: str) -> list[str]:
@@ -196,13 +200,14 @@ def _weight_files(folder: str) -> list[str]:
       f"{_short_list(found)}{hint}")
 
 
-def load_hf_folder(path: str | os.PathLike, *, validate: bool = True
-                   ) -> LoadedCheckpoint:
+def load_hf_folder(path: str | os.PathLike, *, validate: bool = True,
+                   dtype=None) -> LoadedCheckpoint:
   """Imports a Hugging Face Llama-family folder.
 
   Reads ``config.json``, ``model.safetensors`` (or the shards named by
   ``model.safetensors.index.json``) and, when present, ``tokenizer.json`` +
-  ``tokenizer_config.json`` (chat template included).
+  ``tokenizer_config.json`` (chat template included). Weights keep their
+  stored dtype unless ``dtype`` is given (see ``read_safetensors``).
 
   Raises:
     CheckpointError: for missing/corrupt files or weights that do not fit.
@@ -228,7 +233,7 @@ def load_hf_folder(path: str | os.PathLike, *, validate: bool = True
 
   weights: dict[str, np.ndarray] = {}
   for file in _weight_files(folder):
-    weights.update(read_safetensors(file))
+    weights.update(read_safetensors(file, dtype))
   if "model.embed_tokens.weight" not in weights and "embed_tokens.weight" in weights:
     weights = {("model." + k if not k.startswith("lm_head.") else k): v
                for k, v in weights.items()}   # Saved from LlamaModel.
