@@ -150,11 +150,16 @@ class RecursiveLM(TemplateLM):
     if model.tokenizer is None:
       raise ValueError(f"{model.source} has no tokenizer; lm_eval needs one (use a GGUF "
                        "file or a folder with tokenizer.json)")
-    self.loaded = model
     self.cfg = model.cfg
     self.tokenizer = model.tokenizer
-    # Host (numpy) params would be copied to the device on every scoring call.
+    # Host (numpy) params would be copied to the device on every scoring call;
+    # the model keeps the device copy only (one copy of the weights in memory).
     self.params = jax.tree_util.tree_map(jnp.asarray, model.params)
+    try:
+      model.params = self.params
+    except (AttributeError, TypeError):  # a frozen model object: keep both copies
+      pass
+    self.loaded = model
     self._batch_size = _int_arg("batch_size", batch_size, 8)
     self._max_length = _int_arg("max_length", max_length, self.cfg.max_seq_len)
     if self._max_length > self.cfg.max_seq_len:
