@@ -3,7 +3,7 @@ r"""lm-evaluation-harness adapter: recursive_lm models as the lm_eval model ``re
 Install with the ``eval`` extra (``pip install -e '.[eval]'``, lm_eval 0.4.13), then::
 
     recursive-lm-eval --model recursive_lm \
-        --model_args pretrained=smollm2-135m,batch_size=8 \
+        --model_args pretrained=smollm2-135m --batch_size 8 \
         --tasks rlm_capitals,rlm_python_facts --num_fewshot 2
 
 ``recursive-lm-eval`` (also ``python -m recursive_lm.lm_eval_adapter``) is
@@ -23,7 +23,7 @@ folder exists and no ``--include_path`` is given.
 * ``pretrained``: anything ``recursive_lm.api.load`` takes: a preset name
   (default ``smollm2-135m``), a ``.gguf`` file, a Hugging Face folder or a
   folder saved by recursive_lm (recursive / relaxed models, LoRA included).
-* ``batch_size`` (8), ``max_length`` (the model's ``max_seq_len``),
+* ``batch_size`` (8; or lm_eval's ``--batch_size``), ``max_length`` (the model's ``max_seq_len``),
   ``max_batch_tokens`` (2048: caps the ``[rows, length, vocab]`` logits of one
   scoring call), ``max_gen_toks`` (256, lm_eval's default), ``seed`` (0).
 * ``early_exit=<threshold>``: ``generate_until`` decodes with

@@ -206,3 +206,14 @@ def test_embedded_model_capitals_matches_hf(tmp_path):
                 num_fewshot=2)
   ra = _compare(a, b, task)
   assert ra["acc,none"] >= 0.5  # a 135M model knows most European capitals
+
+
+def test_command_line(tiny_folder, capsys, monkeypatch):
+  """``recursive-lm-eval`` = lm_eval's CLI with the model registered and the
+  offline tasks on the include path."""
+  monkeypatch.setattr("sys.argv", ["recursive-lm-eval"])
+  lm_eval_adapter.main(["--model", "recursive_lm", "--model_args",
+                        f"pretrained={tiny_folder}", "--batch_size", "2", "--tasks",
+                        "rlm_python_facts", "--limit", "2"])
+  out = capsys.readouterr().out
+  assert "rlm_python_facts" in out and "acc" in out
