@@ -267,6 +267,52 @@ def test_sigkill_one_process_others_stop_then_resume(ref, corpus, tmp_path):
   TABLE["_kill_s"] = took
 
 
+_COLLECTIVE_LOOP = """
+import time, jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+mesh = jax.make_mesh((jax.device_count(),), ("d",))
+f = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))
+for i in range(600):
+  x = jax.make_array_from_process_local_data(
+      NamedSharding(mesh, P("d")), np.full((jax.local_device_count(),), i, np.float32))
+  print("step", i, float(f(x)), flush=True)
+  time.sleep(0.1)
+"""
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_sigkill_of_any_process_stops_the_other(tmp_path, victim):
+  """Process 0 also hosts the coordinator: killing it stops process 1 at once;
+  killing process 1 stops process 0 after the heartbeat timeout."""
+  script = tmp_path / "loop.py"
+  script.write_text(_COLLECTIVE_LOOP)
+  log_path = tmp_path / "loop.log"
+  with open(log_path, "w") as log:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recursive_lm.distributed", "--local_processes=2",
+         "--local_devices=2", f"--heartbeat_timeout_s={HEARTBEAT_S}",
+         "--failure_grace_s=120", str(script)],
+        cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+      wait_for(lambda: "[p0] step 3 " in log_path.read_text() and
+               "[p1] step 3 " in log_path.read_text(), 120, proc, "step 3")
+      pid = int(re.search(rf"process {victim}: pid (\d+)", log_path.read_text()).group(1))
+      os.kill(pid, signal.SIGKILL)
+      t0 = time.time()
+      rc = proc.wait(timeout=FAIL_BOUND_S + 30)
+      took = time.time() - t0
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  out = log_path.read_text()
+  assert rc != 0 and f"process {victim} failed (signal SIGKILL)" in out
+  assert "still running" not in out and took < FAIL_BOUND_S, (took, out[-3000:])
+  assert f"[p{1 - victim}] F" in out and "JAX distributed service detected fatal errors" \
+      in out, out[-3000:]
+  TABLE[f"_kill{victim}_s"] = took
+
+
 def test_restart_two_processes_as_one(ref, two, corpus, tmp_path):
   """2 -> 1: the 2 x 4 run's checkpoint 4 continues on 1 x 8 (orbax reshards
   the state, the data shards' positions move to the single process)."""
@@ -353,8 +399,15 @@ def test_print_loss_table():
     lines.append(f"| {i + 1} | " + " | ".join(
         f"{dict(runs[n]).get(i + 1, float('nan')):.6f}" for n in names) + " |")
   text = "\n".join(lines)
-  if "_kill_s" in TABLE:
-    text += f"\n\nSIGKILL of process 1 -> process 0 stopped after {TABLE['_kill_s']:.1f}s"
+  ref_losses = [l for _, l in runs[names[0]]]
+  text += "\n\nmax |loss - " + names[0] + "|: " + ", ".join(
+      f"{n}: {max(abs(a - b) for a, b in zip((l for _, l in runs[n]), ref_losses)):.1e}"
+      for n in names[1:])
+  for key, what in (("_kill_s", "uptraining on the fsdp mesh: SIGKILL of process 1"),
+                    ("_kill0_s", "collective loop: SIGKILL of process 0 (coordinator)"),
+                    ("_kill1_s", "collective loop: SIGKILL of process 1")):
+    if key in TABLE:
+      text += f"\n{what} -> the other process stopped by itself after {TABLE[key]:.1f}s"
   print("\n" + text)
   out = os.environ.get("RLM_LOSS_TABLE")
   if out:
