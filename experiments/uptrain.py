@@ -5,8 +5,17 @@ r"""Uptrain a recursive model with distillation (thin entry point; logic in
     --config experiments/configs/uptrain_smollm2.py:loops=2,init=stepwise,rank=0,steps=200 \
     --config.train.eval_every=25 --workdir runs/r2_stepwise
 
-Rerunning the same command resumes from the latest checkpoint in the workdir.
-SIGTERM saves a checkpoint after the current step and exits with status 0.
+Rerunning the same command resumes from the latest intact checkpoint in the
+workdir (a corrupt newest one is moved to ``<step>.corrupt`` with a warning;
+``--config.train.strict_restore=True`` makes that an error). SIGTERM saves a
+checkpoint after the current step and exits with status 0.
+
+Several processes (one machine here; every host of a pod runs the same line,
+see launch/README.md)::
+
+  python -m recursive_lm.distributed --local_processes=2 --local_devices=4 \
+    experiments/uptrain.py --config experiments/configs/uptrain_smollm2.py:steps=200 \
+    --workdir runs/local_2x4
 """
 from __future__ import annotations
 

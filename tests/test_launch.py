@@ -1,7 +1,9 @@
 """Launch scripts (syntax + dry runs, gcloud/srun never executed) and distributed."""
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -127,3 +129,81 @@ def test_module_wrapper_runs_script(tmp_path):
                      timeout=120, cwd=ROOT)
   assert r.returncode == 0, r.stderr
   assert "ARGS ['--flag=1', 'x']" in r.stdout
+
+
+# ----------------------------------------------------- local multi-process
+def test_parse_local_launch_flags():
+  launch, rest = D._parse_launch(["--local_processes=2", "--local_devices", "4",
+                                  "--heartbeat_timeout_s=7", "script.py", "--x=1"])
+  assert (launch.processes, launch.devices, launch.heartbeat_timeout_s) == (2, 4, 7)
+  assert rest == ["script.py", "--x=1"]
+  assert D._parse_launch(["script.py", "--local_processes=2"]) == (None,
+                                                                   ["script.py", "--local_processes=2"])
+  with pytest.raises(SystemExit, match="without --local_processes"):
+    D._parse_launch(["--local_devices=4", "s.py"])
+  with pytest.raises(SystemExit, match="expected a number"):
+    D._parse_launch(["--local_processes=two", "s.py"])
+  with pytest.raises(SystemExit, match="processes >= 1"):
+    D._parse_launch(["--local_processes=0", "s.py"])
+
+
+def test_local_env_is_a_loopback_pod():
+  base = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_foo=1",
+          "SLURM_NTASKS": "4", "PATH": "/bin"}
+  env = D.local_env(D.LocalLaunch(processes=2, devices=4), 1, 1234, base)
+  assert env["XLA_FLAGS"] == "--xla_foo=1 --xla_force_host_platform_device_count=4"
+  assert env["JAX_COORDINATOR_ADDRESS"] == "127.0.0.1:1234"
+  assert env["JAX_COORDINATOR_BIND_ADDRESS"] == "127.0.0.1:1234"
+  assert (env["JAX_NUM_PROCESSES"], env["JAX_PROCESS_ID"]) == ("2", "1")
+  assert env["JAX_PLATFORMS"] == "cpu" and env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] == "gloo"
+  assert "SLURM_NTASKS" not in env and env["PATH"] == "/bin"
+  assert D.detect_environment(env) == "explicit"
+  assert D.local_env(D.LocalLaunch(processes=4), 0, 1, {})["XLA_FLAGS"].endswith("=2")
+
+
+def _launch(args, tmp_path, timeout=120):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return subprocess.run([sys.executable, "-m", "recursive_lm.distributed", *args],
+                        capture_output=True, text=True, env=env, timeout=timeout,
+                        cwd=ROOT)
+
+
+def test_local_launcher_starts_a_real_multi_process_jax(tmp_path):
+  script = tmp_path / "topo.py"
+  script.write_text(
+      "import sys, jax, jax.numpy as jnp\n"
+      "from jax.experimental import multihost_utils as mu\n"
+      "x = mu.process_allgather(jnp.asarray(jax.process_index()))\n"
+      "print('TOPO', jax.process_index(), jax.process_count(), jax.local_device_count(),"
+      " jax.device_count(), x.tolist(), sys.argv[1:])\n")
+  r = _launch(["--local_processes=2", "--local_devices=3", str(script), "--a=1"], tmp_path)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  for p in (0, 1):
+    assert f"[p{p}] TOPO {p} 2 3 6 [0, 1] ['--a=1']" in r.stdout
+  assert "[launcher] process 1: exit code 0" in r.stdout
+
+
+def test_local_launcher_reports_a_failed_process_and_its_exit_code(tmp_path):
+  script = tmp_path / "fail.py"
+  script.write_text(
+      "import os, time, jax\n"
+      "if jax.process_index() == 1:\n"
+      "  os._exit(3)\n"
+      "time.sleep(60)\n")
+  t0 = time.time()
+  r = _launch(["--local_processes=2", "--local_devices=1", "--heartbeat_timeout_s=3",
+               "--failure_grace_s=5", str(script)], tmp_path)
+  assert r.returncode == 3, r.stdout[-3000:]
+  assert "process 1 failed (exit code 3)" in r.stdout
+  assert time.time() - t0 < 60  # not the 60 s sleep: failed or killed after the grace
+
+
+def test_every_launcher_runs_the_same_entry_point():
+  """tpu_vm.sh, the SLURM script and the local launcher all start
+  `python -m recursive_lm.distributed experiments/uptrain.py ...` per process."""
+  for path in (TPU, SLURM):
+    with open(path) as f:
+      text = f.read()
+    assert re.search(r"-m recursive_lm\.distributed experiments/uptrain\.py", text), path
+  with open(os.path.join(ROOT, "recursive_lm", "distributed.py")) as f:
+    assert '[sys.executable, "-m", "recursive_lm.distributed", *argv]' in f.read()

@@ -206,12 +206,43 @@ def test_corrupt_latest_checkpoint_clear_error_earlier_still_restores(reference,
   os.rename(os.path.join(ckdir, "8"), os.path.join(ckdir, "8.broken"))
   assert Checkpointer(ckdir).latest_step() == 6
   # Garbage in the data-iterator state is caught too.
-  with open(os.path.join(ckdir, "6", "data", "process_0-of-1.json"), "w") as fh:
+  with open(os.path.join(ckdir, "6", "data_shards", "shard_0-of-8.json"), "w") as fh:
     fh.write("{not json")
-  from recursive_lm.data import make_lm_iterator
-  it = make_lm_iterator(["some text"] * 4, lambda s: [2] * len(s), 1, 8, 2)
+  from recursive_lm.data import make_sharded_lm_iterator
+  it = make_sharded_lm_iterator(["some text"] * 16, lambda s: [2] * len(s), 1, 8, 8)
   with pytest.raises(CheckpointCorruptError, match=r"\[4\]"):
     Checkpointer(ckdir).restore(target, it)
+
+
+def _truncate_state(step_dir):
+  for root, _, files in os.walk(os.path.join(step_dir, "state")):
+    for f in files:
+      if f != "_METADATA" and "commit" not in f:
+        with open(os.path.join(root, f), "r+b") as fh:
+          fh.truncate(5)
+
+
+def test_corrupt_newest_checkpoint_is_moved_aside_and_run_resumes(reference, corpus,
+                                                                  tmp_path, caplog):
+  """One process: the newest step is unreadable -> warning, moved to 8.corrupt,
+  resume from 6 with the uninterrupted run's losses; strict_restore errors."""
+  workdir = tmp_path / "run"
+  shutil.copytree(reference[0], workdir)
+  shutil.rmtree(workdir / "final")
+  ckdir = workdir / "checkpoints"
+  _truncate_state(str(ckdir / "8"))
+  with pytest.raises(CheckpointCorruptError, match=r"strict_restore=True"):
+    train(make_config(workdir, corpus, strict_restore=True))
+  assert Checkpointer(ckdir).all_steps() == [4, 6, 8] and not (ckdir / "8.corrupt").exists()
+  with caplog.at_level("WARNING"):
+    s = train(make_config(workdir, corpus))
+  assert any(f"checkpoint {ckdir / '8'} (step 8) is corrupt and was moved to "
+             f"{ckdir / '8.corrupt'}" in r.getMessage() for r in caplog.records)
+  assert (ckdir / "8.corrupt" / "state").is_dir()  # moved aside, not deleted
+  assert s["resumed_from_step"] == 6 and s["final_step"] == STEPS
+  np.testing.assert_allclose([l for _, l in train_losses(workdir)],
+                             [l for _, l in train_losses(reference[0])], rtol=0, atol=1e-6)
+  assert Checkpointer(ckdir).all_steps() == [4, 6, 8]
 
 
 def test_unfinished_save_is_ignored_and_cleaned(reference, tmp_path):

@@ -101,6 +101,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.batch_size = a["batch"]  # global batch (rows of seq_len tokens)
   c.data.eval_batches = 8         # held-out batches (split "validation")
   c.data.encode = "tokenizer"     # "tokenizer" (the checkpoint's) | "bytes" (toy)
+  c.data.shards = config_dict.placeholder(int)  # fixed data shards (None: one per row)
+  c.data.log_example_ids = False  # example_ids/process_<i>-of-<n>.jsonl (tracing)
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=a["lr"], schedule="cosine", warmup_steps=10, decay_fraction=0.2,
@@ -114,7 +116,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict(dict(
       steps=a["steps"], log_every=5, eval_every=50, ckpt_every=50, keep=3,
-      export_hf=False, async_checkpointing=True, peak_matmul_size=2048))
+      export_hf=False, async_checkpointing=True, peak_matmul_size=2048,
+      strict_restore=False))  # True: a corrupt newest checkpoint is an error
   c.train.time_budget_s = config_dict.placeholder(float)
   if a["budget"] is not None:
     c.train.time_budget_s = a["budget"]

@@ -19,7 +19,11 @@ from recursive_lm.data.pipeline import (
     iterator_checkpoint_args,
     make_lm_dataset,
     make_lm_iterator,
+    make_sharded_lm_iterator,
+    plan_data_shards,
     resolve_shard,
+    ShardedBatchIterator,
+    sharded_eval_batches,
     tokenize_document,
 )
 from recursive_lm.data.sources import (
@@ -42,7 +46,11 @@ __all__ = [
     "iterator_checkpoint_args",
     "make_lm_dataset",
     "make_lm_iterator",
+    "make_sharded_lm_iterator",
     "make_source",
+    "plan_data_shards",
+    "ShardedBatchIterator",
+    "sharded_eval_batches",
     "resolve_shard",
     "tokenize_document",
 ]

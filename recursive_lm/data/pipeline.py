@@ -50,6 +50,20 @@ Checkpointing (Orbax, see :func:`iterator_checkpoint_args`)::
     train_iter = restored.data   # the same object, now at the saved position
 
 Without Orbax: ``json.dumps(it.get_state())`` / ``it.set_state(json.loads(s))``.
+
+Process-count-independent sharding (what the trainer uses,
+:func:`make_sharded_lm_iterator` / :func:`sharded_eval_batches`): the global
+batch of ``B`` rows is assembled from ``S`` fixed *data shards* (default
+``S = B``); shard ``s`` is its own pipeline over ``docs[s::S]`` (seed
+``seed + 7919 s``) giving ``B / S`` rows of every batch, in shard order.
+Process ``p`` of ``P`` builds and reads only shards ``[p S/P, (p+1) S/P)``,
+which are exactly the rows of the global batch its devices hold. So the
+global batch at every step is the same for 1, 2, 4, ... processes (``P`` must
+divide ``S``), and a checkpoint stores one iterator state per shard (not per
+process): a run restarted with another process count continues the same data
+stream (``recursive_lm.training.checkpointing``).  With ``with_doc_ids`` every
+row also carries ``doc_ids`` (the source index of each token's document, -1
+in padding) for tracing which documents a process read.
 """
 
 from __future__ import annotations
@@ -69,7 +83,11 @@ __all__ = [
     "iterator_checkpoint_args",
     "make_lm_dataset",
     "make_lm_iterator",
+    "make_sharded_lm_iterator",
+    "plan_data_shards",
     "resolve_shard",
+    "ShardedBatchIterator",
+    "sharded_eval_batches",
     "tokenize_document",
 ]
 
@@ -98,16 +116,36 @@ class _Tokenize:
     self.encode = encode
     self.eos_id = int(eos_id)
 
-  def __call__(self, text: str) -> dict[str, np.ndarray]:
-    return tokenize_document(text, self.encode, self.eos_id)
+  def __call__(self, item) -> dict[str, np.ndarray]:
+    if isinstance(item, tuple):  # (document id, text) from _IndexedSource
+      doc_id, text = item
+      doc = tokenize_document(text, self.encode, self.eos_id)
+      doc["doc_ids"] = np.full_like(doc["inputs"], doc_id)
+      return doc
+    return tokenize_document(item, self.encode, self.eos_id)
+
+
+class _IndexedSource:
+  """``source[i] -> (i, source[i])``: documents that remember their index."""
+
+  def __init__(self, source: Sequence[str]):
+    self._source = source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> tuple[int, str]:
+    return int(index), self._source[index]
 
 
 class _PackDatasetIterator(grain.DatasetIterator):
   """Concat-then-split packer; see the module docstring."""
 
-  def __init__(self, parent: grain.DatasetIterator, seq_len: int):
+  def __init__(self, parent: grain.DatasetIterator, seq_len: int,
+               with_doc_ids: bool = False):
     super().__init__(parent)
     self._seq_len = seq_len
+    self._copy_keys = _DOC_KEYS + (("doc_ids",) if with_doc_ids else ())
     self._arange = np.arange(seq_len, dtype=np.int32)
     self._doc: dict[str, np.ndarray] | None = None  # Current (partial) doc.
     self._doc_parent_state: dict[str, Any] | None = None  # State before it.
@@ -125,6 +163,8 @@ class _PackDatasetIterator(grain.DatasetIterator):
   def __next__(self) -> dict[str, np.ndarray]:
     length = self._seq_len
     row = {k: np.zeros(length, np.int32) for k in BATCH_KEYS}
+    if len(self._copy_keys) > len(_DOC_KEYS):
+      row["doc_ids"] = np.full(length, -1, np.int32)
     fill, segment = 0, 0
     while fill < length:
       if self._doc is None and not self._next_doc():
@@ -134,7 +174,7 @@ class _PackDatasetIterator(grain.DatasetIterator):
       if take > 0:
         segment += 1
         stop = self._offset + take
-        for key in _DOC_KEYS:
+        for key in self._copy_keys:
           row[key][fill:fill + take] = self._doc[key][self._offset:stop]
         row["segment_ids"][fill:fill + take] = segment
         row["positions"][fill:fill + take] = self._arange[:take]
@@ -166,14 +206,17 @@ class _PackDatasetIterator(grain.DatasetIterator):
 class PackIterDataset(grain.IterDataset):
   """Packs tokenized documents (dicts of ``_DOC_KEYS``) into seq_len rows."""
 
-  def __init__(self, parent: grain.IterDataset, seq_len: int):
+  def __init__(self, parent: grain.IterDataset, seq_len: int,
+               with_doc_ids: bool = False):
     super().__init__(parent)
     if seq_len < 1:
       raise ValueError(f"seq_len must be >= 1, got {seq_len}.")
     self._seq_len = int(seq_len)
+    self._with_doc_ids = bool(with_doc_ids)
 
   def __iter__(self) -> grain.DatasetIterator:
-    return _PackDatasetIterator(self._parent.__iter__(), self._seq_len)
+    return _PackDatasetIterator(self._parent.__iter__(), self._seq_len,
+                                self._with_doc_ids)
 
   def __str__(self) -> str:
     return f"PackIterDataset(seq_len={self._seq_len})"
@@ -207,6 +250,7 @@ def make_lm_dataset(
     shuffle: bool = True,
     num_threads: int = 2,
     prefetch_buffer_size: int = 16,
+    with_doc_ids: bool = False,
 ) -> grain.IterDataset:
   """The pipeline as a ``grain.IterDataset`` (see the module docstring).
 
@@ -223,7 +267,7 @@ def make_lm_dataset(
   shard_index, shard_count = resolve_shard(shard_index, shard_count)
   if len(source) == 0:  # pylint: disable=g-explicit-length-test
     raise ValueError(f"Source {source!r} has no documents.")
-  ds = grain.MapDataset.source(source)
+  ds = grain.MapDataset.source(_IndexedSource(source) if with_doc_ids else source)
   if shard_count > 1:
     ds = ds[shard_index::shard_count]
     if len(ds) == 0:  # pylint: disable=g-explicit-length-test
@@ -237,7 +281,7 @@ def make_lm_dataset(
   ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=num_threads,
       prefetch_buffer_size=prefetch_buffer_size if num_threads else 0))
-  ds = PackIterDataset(ds, seq_len)
+  ds = PackIterDataset(ds, seq_len, with_doc_ids)
   return ds.batch(
       batch_size,
       drop_remainder=False,
@@ -303,6 +347,140 @@ def eval_batches(
       batches.append({k: np.zeros((batch_size, seq_len), np.int32)
                       for k in BATCH_KEYS})
   return batches
+
+
+def plan_data_shards(batch_size: int, num_shards: int | None = None,
+                     process_index: int | None = None,
+                     process_count: int | None = None) -> tuple[range, int]:
+  """(shards this process reads, rows per shard) of a ``batch_size`` global batch.
+
+  ``num_shards`` None means ``batch_size`` (one shard per row).  Process ``p``
+  of ``P`` reads the contiguous shards ``[p S/P, (p+1) S/P)``.
+  """
+  p, n = resolve_shard(process_index, process_count)
+  s = int(num_shards or batch_size)
+  if batch_size < 1 or s < 1 or batch_size % s:
+    raise ValueError(f"{s} data shards do not divide the global batch of {batch_size} "
+                     "rows; use config.data.shards = a divisor of the batch size "
+                     "(None: one shard per row)")
+  if s % n:
+    raise ValueError(f"{n} processes cannot split {s} data shards evenly; use a "
+                     f"process count that divides {s}, or config.data.shards = a "
+                     f"multiple of {n} that divides the batch size {batch_size}")
+  per = s // n
+  return range(p * per, (p + 1) * per), batch_size // s
+
+
+class ShardedBatchIterator:
+  """This process's rows of the global batch, from its data shards (module doc).
+
+  ``next()`` concatenates one batch of ``rows_per_shard`` rows from every owned
+  shard, in shard order.  ``shard_states()`` / ``set_shard_states()`` give and
+  take one JSON-safe grain state per shard (what checkpoints store);
+  ``get_state()`` / ``set_state()`` wrap them in one dict.
+  """
+
+  def __init__(self, iterators: dict[int, grain.DatasetIterator], num_shards: int):
+    self._iters = dict(sorted(iterators.items()))
+    self.num_shards = int(num_shards)
+
+  @property
+  def shards(self) -> list[int]:
+    return list(self._iters)
+
+  def __iter__(self) -> "ShardedBatchIterator":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = [next(it) for it in self._iters.values()]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def shard_states(self) -> dict[int, Any]:
+    return {s: copy.deepcopy(it.get_state()) for s, it in self._iters.items()}
+
+  def set_shard_states(self, states: dict[int, Any]) -> None:
+    missing = [s for s in self._iters if s not in states]
+    if missing:
+      raise ValueError(f"no saved state for data shards {missing} of "
+                       f"{self.num_shards}")
+    for s, it in self._iters.items():
+      it.set_state(states[s])
+
+  def get_state(self) -> dict[str, Any]:
+    return {"num_shards": self.num_shards,
+            "shards": {str(s): st for s, st in self.shard_states().items()}}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if int(state["num_shards"]) != self.num_shards:
+      raise ValueError(f"state of {state['num_shards']} data shards cannot restore "
+                       f"an iterator over {self.num_shards}")
+    self.set_shard_states({int(s): st for s, st in state["shards"].items()})
+
+
+def make_sharded_lm_iterator(
+    source: Sequence[str],
+    encode: Encoder,
+    eos_id: int,
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    num_shards: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    *,
+    num_epochs: int | None = None,
+    with_doc_ids: bool = False,
+) -> ShardedBatchIterator:
+  """This process's ``[batch_size / P, seq_len]`` rows of the global batch.
+
+  ``batch_size`` is the *global* batch; see the module docstring and
+  :func:`plan_data_shards`.  Defaults: ``num_shards = batch_size``,
+  process index/count from JAX.  Each shard reads with 2 threads when a
+  process owns at most 8 shards, inline otherwise.
+  """
+  shards, rows = plan_data_shards(batch_size, num_shards, process_index, process_count)
+  s_total = int(num_shards or batch_size)
+  threads = 2 if len(shards) <= 8 else 0
+  iters = {s: iter(make_lm_dataset(
+      source, encode, eos_id, seq_len, rows, seed=int(seed) + 7919 * s,
+      num_epochs=num_epochs, shard_index=s, shard_count=s_total,
+      num_threads=threads, prefetch_buffer_size=4, with_doc_ids=with_doc_ids))
+           for s in shards}
+  return ShardedBatchIterator(iters, s_total)
+
+
+def sharded_eval_batches(
+    source: Sequence[str],
+    encode: Encoder,
+    eos_id: int,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int,
+    num_shards: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> list[dict[str, np.ndarray]]:
+  """``max_batches`` held-out batches, this process's rows of each.
+
+  Shard ``s`` contributes :func:`eval_batches` of ``docs[s::S]`` (source
+  order, zero-padded to ``max_batches``; an empty shard gives zero rows), so
+  the global held-out set does not depend on the process count.
+  """
+  if max_batches is None or max_batches < 1:
+    raise ValueError(f"max_batches must be >= 1, got {max_batches}")
+  shards, rows = plan_data_shards(batch_size, num_shards, process_index, process_count)
+  s_total = int(num_shards or batch_size)
+  per_shard = []
+  for s in shards:
+    if s >= len(source):
+      per_shard.append([{k: np.zeros((rows, seq_len), np.int32) for k in BATCH_KEYS}
+                        for _ in range(max_batches)])
+      continue
+    per_shard.append(eval_batches(source, encode, eos_id, seq_len, rows, max_batches,
+                                  shard_index=s, shard_count=s_total,
+                                  pad_to_max_batches=True))
+  return [{k: np.concatenate([b[i][k] for b in per_shard]) for k in BATCH_KEYS}
+          for i in range(max_batches)]
 
 
 def iterator_checkpoint_args(iterator: grain.DatasetIterator,

@@ -2,35 +2,47 @@
 
 One step directory per save, written by ``ocp.CheckpointManager``::
 
-    <directory>/<step>/state/   TrainState (params, opt_state, step, rng) as
-                                an OCDBT pytree; the typed PRNG key is stored
-                                as its raw ``key_data``
-    <directory>/<step>/data/    grain iterator position, one JSON per process
-    <directory>/<step>/meta/    JSON: model config, run facts (e.g. teacher ppl)
+    <directory>/<step>/state/        TrainState (params, opt_state, step, rng) as
+                                     an OCDBT pytree, written collectively (each
+                                     process writes the shards it holds); the
+                                     typed PRNG key is stored as its raw ``key_data``
+    <directory>/<step>/data_shards/  one JSON per *data shard*
+                                     (``shard_<s>-of-<S>.json``, written by the
+                                     process that reads that shard), for a
+                                     ``data.ShardedBatchIterator``
+    <directory>/<step>/data/         (plain grain iterators) one JSON per process
+    <directory>/<step>/meta/         JSON: model config, run facts (process 0)
+
+Restarting with another process count works: the state is restored into the
+shardings of the new mesh (orbax reshards on read) and every process reads
+the states of the data shards it now owns, so the run continues with the same
+global batches (``data.pipeline``, "Process-count-independent sharding").
 
 Atomicity: orbax writes every step into ``<step>.orbax-checkpoint-tmp`` and
 renames it to ``<step>`` only after all items are committed (on local and
 POSIX file systems; ``AtomicRenameTemporaryPath``; object stores use a commit
 file instead). A process killed mid-save leaves only the tmp directory, which
 ``latest_step`` ignores and the next ``Checkpointer`` deletes
-(``cleanup_tmp_directories``). ``tests/test_trainer.py`` checks this by
-SIGKILLing a run while it saves.
+(``cleanup_tmp_directories``).
 
-Failure policy (chosen: **clear error, no automatic fallback**). ``restore()``
-tries the latest step only. When it is unreadable (truncated/garbage files)
-it raises ``CheckpointCorruptError`` naming the step directory, the problem,
-the other available steps and the fix (``restore(step=k)``, or move the broken
-step aside and rerun, e.g. ``mv <dir>/8 <dir>/8.broken``; names that are not
-integers are not steps). When the checkpoint was written by another model
-config (different param names/shapes) it raises
-``CheckpointIncompatibleError`` listing the differences. Earlier steps are
-never touched by a failed restore. A silent fallback was rejected because an
-incompatible config would fail on every step and a corrupt latest step usually
-needs a human look (disk problem, concurrent writer).
+Failure policy. ``restore()`` restores one step (default: the latest) and
+raises ``CheckpointCorruptError`` naming the step directory, the problem, the
+other steps and the fix when it is unreadable (truncated/garbage/missing
+files; with several processes, when *any* process could not read its part:
+the processes agree before anyone goes on), or ``CheckpointIncompatibleError``
+when it was written for another model config. ``restore_latest_intact()``
+(what the trainer uses) walks back from the newest step: a corrupt one is
+logged as a warning naming it and **moved aside** to ``<step>.corrupt`` (never
+deleted; not a step name, so orbax ignores it), and the next older step is
+tried; ``strict=True`` (``config.train.strict_restore``) raises the error
+instead. Incompatible checkpoints always raise (every step would fail the
+same way, a human has to choose the workdir).
 
-Preemption: ``PreemptionGuard`` installs a SIGTERM handler that only sets a
-flag; the training loop polls ``guard.requested`` after each step, saves with
-``force=True`` and exits cleanly.
+Preemption: ``PreemptionGuard``. With one process it installs a SIGTERM
+handler that only sets a flag; with several it leaves SIGTERM to JAX's
+preemption service (installed by ``jax.distributed.initialize``), and
+``should_stop(step)`` asks orbax's ``reached_preemption`` (JAX's preemption
+sync point) so that every process stops, saves and exits at the same step.
 """
 from __future__ import annotations
 
@@ -45,11 +57,13 @@ import flax.serialization
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
 import grain
 import orbax.checkpoint as ocp
 
 _STATE, _DATA, _META = "state", "data", "meta"
+_SHARDS = "data_shards"  # data.ShardedBatchIterator: one JSON per data shard
 _MAX_LISTED = 8
 
 
@@ -72,6 +86,83 @@ class Restored:
   state: Any
   meta: dict
   data_iterator: Any
+
+
+# --------------------------------------------------------------------------- #
+# Data-shard states (one file per shard, not per process).
+def _shard_file(directory, shard: int, num_shards: int):
+  return directory / f"shard_{shard}-of-{num_shards}.json"
+
+
+class ShardedIteratorHandler:
+  """Orbax handler for ``data.ShardedBatchIterator``: every process writes and
+  reads ``shard_<s>-of-<S>.json`` of the data shards it owns."""
+
+  def save(self, directory, item=None, args=None):
+    item = item or args.item
+    for s, state in item.shard_states().items():
+      _shard_file(directory, s, item.num_shards).write_text(json.dumps(state, indent=1))
+
+  def restore(self, directory, item=None, args=None):
+    item = item or args.item
+    states = {}
+    for s in item.shards:
+      f = _shard_file(directory, s, item.num_shards)
+      if not f.exists():
+        found = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+        raise FileNotFoundError(
+            f"{f} is missing (found {_short(found) or 'nothing'}); a checkpoint "
+            f"written with another config.data.shards cannot continue this stream")
+      states[s] = json.loads(f.read_text())
+    item.set_shard_states(states)
+    return item
+
+  def structure(self, directory):
+    del directory
+
+  def metadata(self, directory):
+    del directory
+
+  def finalize(self, directory):
+    del directory
+
+  def close(self):
+    pass
+
+  @classmethod
+  def typestr(cls):
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@ocp.args.register_with_handler(ShardedIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class ShardedIteratorSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(ShardedIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class ShardedIteratorRestore(ocp.args.CheckpointArgs):
+  item: Any
+
+
+def _is_sharded(it) -> bool:
+  return hasattr(it, "shard_states") and hasattr(it, "num_shards")
+
+
+def all_processes_ok(ok: bool) -> bool:
+  """True when ``ok`` holds on every process (one tiny all-gather if > 1)."""
+  if jax.process_count() == 1:
+    return bool(ok)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  flags = multihost_utils.process_allgather(np.asarray(0 if ok else 1, np.int32))
+  return not bool(np.any(flags))
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
 
 
 # --------------------------------------------------------------------------- #
@@ -156,6 +247,7 @@ class Checkpointer:
         self.directory, options=options,
         item_handlers={_STATE: ocp.StandardCheckpointHandler(),
                        _DATA: grain.checkpoint.CheckpointHandler(),
+                       _SHARDS: ShardedIteratorHandler(),
                        _META: ocp.JsonCheckpointHandler()})
 
   # -- queries ---------------------------------------------------------------
@@ -182,7 +274,9 @@ class Checkpointer:
       return False
     items = {_STATE: ocp.args.StandardSave(_to_saveable(state)),
              _META: ocp.args.JsonSave(dict(meta or {}, step=step))}
-    if data_iterator is not None:
+    if _is_sharded(data_iterator):
+      items[_SHARDS] = ShardedIteratorSave(data_iterator)
+    elif data_iterator is not None:
       items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
     saved = self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
     logging.info("checkpoint: saving step %d to %s (%s)", step, self.step_dir(step),
@@ -251,17 +345,26 @@ class Checkpointer:
     saveable = jax.tree_util.tree_map(_abstract, target)
     saveable = flax.serialization.to_state_dict(saveable)
     self._check_shapes(step, saveable)
-    items = {_STATE: ocp.args.StandardRestore(saveable)}
-    if data_iterator is not None:
-      if not os.path.isdir(os.path.join(self.step_dir(step), _DATA)):
-        raise self._corrupt(step, FileNotFoundError(
-            "the data-iterator item 'data' is missing"))
-      items[_DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+    # The item handlers are called directly (no orbax barrier inside), then the
+    # processes agree: a part that one process cannot read fails the step on
+    # all of them instead of leaving the others waiting in a barrier.
+    path = epath.Path(self.step_dir(step))
+    error, restored, data_out = None, None, None
+    handler = ocp.StandardCheckpointHandler()
     try:
-      out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+      restored = handler.restore(path / _STATE, args=ocp.args.StandardRestore(saveable))
+      if data_iterator is not None:
+        data_out = self._restore_data(step, path, data_iterator)
+    except CheckpointIncompatibleError:
+      raise
     except Exception as e:  # pylint: disable=broad-except
-      raise self._corrupt(step, e) from e
-    restored = out[_STATE]
+      error = e
+    finally:
+      handler.close()
+    if not all_processes_ok(error is None):
+      raise self._corrupt(step, error or RuntimeError(
+          "another process could not read its part of it (see that process's log)")
+                          ) from error
 
     def unwrap(tmpl, x):
       if _is_key(tmpl):
@@ -271,8 +374,70 @@ class Checkpointer:
     state = flax.serialization.from_state_dict(target, restored)
     state = jax.tree_util.tree_map(unwrap, target, state)
     logging.info("checkpoint: restored step %d from %s", step, self.step_dir(step))
-    return Restored(step=step, state=state, meta=meta,
-                    data_iterator=out[_DATA] if data_iterator is not None else None)
+    return Restored(step=step, state=state, meta=meta, data_iterator=data_out)
+
+  def _restore_data(self, step: int, path, data_iterator):
+    if _is_sharded(data_iterator):
+      if not (path / _SHARDS).is_dir():
+        if (path / _DATA).is_dir():
+          raise CheckpointIncompatibleError(
+              f"checkpoint {self.step_dir(step)} (step {step}) stores the data "
+              "position per process (older format), this run reads per data shard; "
+              "resume it with the recursive_lm version that wrote it, or use a "
+              "fresh workdir")
+        raise FileNotFoundError(f"the data-iterator item '{_SHARDS}' is missing")
+      return ShardedIteratorHandler().restore(path / _SHARDS, data_iterator)
+    if not (path / _DATA).is_dir():
+      raise FileNotFoundError("the data-iterator item 'data' is missing")
+    return grain.checkpoint.CheckpointHandler().restore(path / _DATA, data_iterator)
+
+  def restore_latest_intact(self, target: Any, data_iterator: Any = None,
+                            expect_meta: dict | None = None, strict: bool = False
+                            ) -> Restored | None:
+    """Restores the newest readable step, moving corrupt newer ones aside.
+
+    Every corrupt step is logged (a warning naming its directory and the
+    problem) and renamed to ``<step>.corrupt`` (``.corrupt.1``, ... if taken;
+    never deleted); then the next older step is tried. Returns None when no
+    step is left (the caller starts fresh; ``data_iterator`` may then be
+    partly moved: build a new one).
+
+    Raises:
+      CheckpointCorruptError: with ``strict=True``, for the newest step when it
+        is unreadable (nothing is moved).
+      CheckpointIncompatibleError: a step written for another config.
+    """
+    while True:
+      step = self.latest_step()
+      if step is None:
+        return None
+      try:
+        return self.restore(target, data_iterator, step=step, expect_meta=expect_meta)
+      except CheckpointCorruptError as e:
+        if strict:
+          raise CheckpointCorruptError(
+              f"{e}\n(config.train.strict_restore=True: not falling back to an older "
+              "step; set it to False to move the corrupt step aside and resume from "
+              "the newest intact one)") from e
+        moved = self.move_aside(step)
+        logging.warning("checkpoint %s (step %d) is corrupt and was moved to %s; "
+                        "resuming from the newest intact step instead. %s",
+                        self.step_dir(step), step, moved, str(e).splitlines()[0])
+
+  def move_aside(self, step: int) -> str:
+    """Renames step ``step`` to ``<step>.corrupt[.k]`` (process 0; all wait)."""
+    src = self.step_dir(step)
+    dst = src + ".corrupt"
+    k = 0
+    while os.path.exists(dst):
+      k += 1
+      dst = f"{src}.corrupt.{k}"
+    _sync(f"rlm_move_aside_{step}_start")
+    if jax.process_index() == 0:
+      os.rename(src, dst)
+    _sync(f"rlm_move_aside_{step}_done")
+    self._mngr.reload()
+    return dst
 
   # -- errors ----------------------------------------------------------------
   def _others_hint(self, step: int) -> str:
@@ -346,19 +511,22 @@ class Checkpointer:
 
 # --------------------------------------------------------------------------- #
 class PreemptionGuard:
-  """Context manager: SIGTERM sets a flag instead of killing the process.
+  """Context manager: SIGTERM (a preemption notice) -> stop at a common step.
 
-  The loop checks ``requested`` after each step, saves and exits. The previous
-  handler is restored on exit. Outside the main thread (where Python cannot
-  install signal handlers) the guard is inert and logs a warning. With several
-  processes ``requested`` is true when any process got the signal (one tiny
-  all-gather per call), so all hosts stop at the same step.
+  One process: SIGTERM sets a flag instead of killing the process (the
+  previous handler is restored on exit; outside the main thread the guard is
+  inert and logs a warning). Several processes: SIGTERM stays with JAX's
+  preemption service (``jax.distributed.initialize`` installs it; a Python
+  handler would hide the signal from it) and :meth:`should_stop` asks orbax /
+  JAX for the preemption sync point, the step all processes agreed to stop at
+  (max step + 1), so they save the same step and exit together.
   """
 
   def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
     self.signals = signals
     self._flag = False
     self._previous: dict[int, Any] = {}
+    self._multi = False
 
   def _handler(self, signum, frame):  # pylint: disable=unused-argument
     logging.warning("received signal %d: will save a checkpoint after the current "
@@ -371,13 +539,22 @@ class PreemptionGuard:
 
   @property
   def requested(self) -> bool:
-    if jax.process_count() == 1:
+    """A stop was requested on this process (signal or :meth:`trigger`)."""
+    return self._flag
+
+  def should_stop(self, step: int) -> bool:
+    """Call once per step on every process: True when all should stop now."""
+    if not self._multi:
       return self._flag
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    flags = multihost_utils.process_allgather(np.asarray(self._flag, np.int32))
-    return bool(np.any(flags))
+    if ocp.multihost.reached_preemption(int(step)):
+      logging.warning("preemption sync point reached at step %d", step)
+      self._flag = True
+    return self._flag
 
   def __enter__(self) -> "PreemptionGuard":
+    self._multi = jax.process_count() > 1
+    if self._multi:
+      return self
     if threading.current_thread() is not threading.main_thread():
       logging.warning("PreemptionGuard: not in the main thread; SIGTERM will not "
                       "trigger a clean save")
@@ -393,4 +570,5 @@ class PreemptionGuard:
 
 
 __all__ = ["CheckpointError", "CheckpointCorruptError", "CheckpointIncompatibleError",
-           "Checkpointer", "PreemptionGuard", "Restored"]
+           "Checkpointer", "PreemptionGuard", "Restored", "ShardedIteratorHandler",
+           "all_processes_ok"]

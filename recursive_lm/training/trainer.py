@@ -4,21 +4,30 @@
 
   1. teacher = ``load_checkpoint(config.model)``; student = ``convert(...)`` of
      the same weights (``config.convert``);
-  2. data: ``make_lm_iterator`` on split "train" of ``config.data.source``;
-     held-out ``eval_batches`` on split "validation";
+  2. data: ``make_sharded_lm_iterator`` on split "train" of
+     ``config.data.source`` (``config.data.batch_size`` is the global batch, cut
+     into ``config.data.shards`` fixed data shards, default one per row; each
+     process reads only its shards, so every global batch is the same for any
+     process count); held-out ``sharded_eval_batches`` on split "validation";
   3. mesh (``config.mesh``) + param/state/batch shardings, jitted sharded
      ``train_step`` (AOT-compiled once; its memory analysis is logged);
-  4. resume precedence (big_vision): the latest checkpoint in
-     ``<workdir>/checkpoints`` if any (TrainState + data-iterator position, so
-     the loss sequence equals an uninterrupted run's), else the fresh student;
+  4. resume precedence (big_vision): the latest intact checkpoint in
+     ``<workdir>/checkpoints`` if any (TrainState + data-shard positions, so
+     the loss sequence equals an uninterrupted run's, also after a restart with
+     another process count), else the fresh student. A corrupt newest step is
+     moved aside to ``<step>.corrupt`` with a warning and the next older one is
+     used; ``train.strict_restore=True`` makes that an error;
   5. held-out perplexity of the teacher (once; kept in checkpoint meta), the
      student at step 0, every ``eval_every`` steps and at the end;
   6. stops at ``train.steps``, when ``train.time_budget_s`` (wall clock since
      ``train`` started) is exceeded, or on SIGTERM (saves after the current
-     step, exits cleanly with ``status="preempted"``);
+     step, exits cleanly with ``status="preempted"``; with several processes
+     at the step JAX's preemption sync point picks for all of them);
   7. writes ``<workdir>/final`` (``export.save_model``; ``final_hf`` with
      ``train.export_hf``), ``metrics.jsonl``, ``tb/``, ``curves.png`` and
-     ``summary.json``.
+     ``summary.json`` (process 0 only). With ``data.log_example_ids`` every
+     process also appends the document ids of its rows per step to
+     ``example_ids/process_<i>-of-<n>.jsonl``.
 
 Tokenization: ``config.data.encode="tokenizer"`` uses the checkpoint's
 tokenizer (EOS from it or the config); ``"bytes"`` is a toy byte-level map for
@@ -43,7 +52,8 @@ from recursive_lm import export
 from recursive_lm import sharding as S
 from recursive_lm.checkpoints import load_checkpoint
 from recursive_lm.config import ConfigError
-from recursive_lm.data import eval_batches, make_lm_iterator, make_source
+from recursive_lm.data import (make_sharded_lm_iterator, make_source,
+                               sharded_eval_batches)
 from recursive_lm.nn.weights import params_from_hf
 from recursive_lm.recursive.convert import (INITS, NONDIVISIBLE, SHARINGS, convert,
                                             describe, unique_param_count)
@@ -184,7 +194,29 @@ def _encoder(config, ckpt) -> tuple[Callable[[str], Sequence[int]], int]:
 
 def _to_device(batch: dict, sharding) -> dict:
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+          for k, v in batch.items() if k != "doc_ids"}
+
+
+class _ExampleIdLog:
+  """``example_ids/process_<i>-of-<n>.jsonl``: per step, the document ids of
+  each of this process's rows (``data.log_example_ids``; for tracing)."""
+
+  def __init__(self, workdir: str, resume_step: int | None):
+    d = os.path.join(workdir, "example_ids")
+    os.makedirs(d, exist_ok=True)
+    self.path = os.path.join(
+        d, f"process_{jax.process_index()}-of-{jax.process_count()}.jsonl")
+    keep = []
+    if resume_step is not None and os.path.exists(self.path):
+      with open(self.path, encoding="utf-8") as f:
+        keep = [l for l in f if l.strip() and json.loads(l)["step"] <= resume_step]
+    with open(self.path, "w", encoding="utf-8") as f:
+      f.writelines(keep)
+
+  def write(self, step: int, doc_ids: np.ndarray) -> None:
+    rows = [list(dict.fromkeys(int(i) for i in r if i >= 0)) for r in doc_ids]
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps({"step": int(step), "rows": rows}) + "\n")
 
 
 def _evaluate(eval_fn, params, batches) -> tuple[float, float]:
@@ -327,14 +359,22 @@ def _train(config, hooks: Sequence[Hook], guard: C.PreemptionGuard, t_start: flo
         f"config.data.batch_size={d.batch_size} must be divisible by the batch "
         f"mesh axes data x fsdp = {batch_div} and by {jax.process_count()} processes; "
         f"use a multiple of {batch_div} or change config.mesh")
-  local_bs = d.batch_size // jax.process_count()
-  train_iter = make_lm_iterator(make_source(d.source, "train", d.data_dir), encode,
-                                eos_id, d.seq_len, local_bs, seed=config.seed,
-                                shard_index=None, shard_count=None)
+  n_shards, log_ids = d.get("shards") or None, bool(d.get("log_example_ids", False))
+  train_src = make_source(d.source, "train", d.data_dir)
+
+  def new_train_iter():
+    try:
+      return make_sharded_lm_iterator(train_src, encode, eos_id, d.seq_len,
+                                      d.batch_size, seed=config.seed,
+                                      num_shards=n_shards, with_doc_ids=log_ids)
+    except ValueError as e:
+      raise ConfigError(f"config.data: {e}") from e
+
+  train_iter = new_train_iter()
   b_sh = S.batch_sharding(mesh, rules)
-  val = eval_batches(make_source(d.source, "validation", d.data_dir), encode, eos_id,
-                     d.seq_len, local_bs, d.eval_batches, shard_index=None,
-                     shard_count=None, pad_to_max_batches=True)
+  val = sharded_eval_batches(make_source(d.source, "validation", d.data_dir), encode,
+                             eos_id, d.seq_len, d.batch_size, d.eval_batches,
+                             num_shards=n_shards)
   val = [_to_device(b, b_sh) for b in val]
 
   # -- sharded state -----------------------------------------------------------
@@ -362,12 +402,20 @@ def _train(config, hooks: Sequence[Hook], guard: C.PreemptionGuard, t_start: flo
   model_id = {k: v for k, v in cfg.to_dict().items() if k not in ("dtype", "remat")}
   start_step, resumed_from, facts = 0, None, {}
   if ckpt.latest_step() is not None:
-    r = ckpt.restore(state, train_iter, expect_meta={"model_config": model_id})
-    state, train_iter = jax.device_put(r.state, st_sh), r.data_iterator
-    start_step = resumed_from = r.step
-    facts = r.meta.get("facts", {})
-    logging.info("resumed from %s (step %d)", ckpt.step_dir(r.step), r.step)
+    r = ckpt.restore_latest_intact(state, train_iter,
+                                   expect_meta={"model_config": model_id},
+                                   strict=bool(tr.get("strict_restore", False)))
+    if r is None:
+      logging.warning("no intact checkpoint left in %s: starting from step 0",
+                      ckpt.directory)
+      train_iter = new_train_iter()
+    else:
+      state, train_iter = jax.device_put(r.state, st_sh), r.data_iterator
+      start_step = resumed_from = r.step
+      facts = r.meta.get("facts", {})
+      logging.info("resumed from %s (step %d)", ckpt.step_dir(r.step), r.step)
   writer = M.MetricWriter(workdir, resume_step=resumed_from)
+  id_log = _ExampleIdLog(workdir, resumed_from) if log_ids else None
   if "teacher_nll" not in facts:
     t_nll, t_ppl = _evaluate(t_eval, t_params, val)
     s_nll, s_ppl = _evaluate(s_eval, state.params, val)
@@ -409,11 +457,14 @@ def _train(config, hooks: Sequence[Hook], guard: C.PreemptionGuard, t_start: flo
     if guard.requested:  # signal during setup or an eval
       status = "preempted"
       break
-    if budget is not None and time.time() - t_start > budget:
+    if budget is not None and not C.all_processes_ok(time.time() - t_start <= budget):
       status = "time_budget"
       logging.warning("time budget %.0fs exceeded after %d steps", budget, step)
       break
-    batch = _to_device(next(train_iter), b_sh)
+    host_batch = next(train_iter)
+    if id_log is not None:
+      id_log.write(step + 1, host_batch["doc_ids"])
+    batch = _to_device(host_batch, b_sh)
     t0 = time.perf_counter()
     state, mets = compiled(state, teacher_arg, batch)
     mets = {k: float(v) for k, v in jax.device_get(mets).items()}
@@ -438,7 +489,7 @@ def _train(config, hooks: Sequence[Hook], guard: C.PreemptionGuard, t_start: flo
       last_eval = (step, nll, ppl)
       progress.write(f"step {step}: held-out ppl {ppl:.3f} (teacher "
                      f"{facts['teacher_ppl']:.3f})")
-    stop = guard.requested
+    stop = guard.should_stop(step)
     ckpt.maybe_save(step, state, train_iter, meta, force=stop)
     progress.update(step, mets["loss"], tps, mfu)
     if stop:
@@ -505,8 +556,9 @@ def _train(config, hooks: Sequence[Hook], guard: C.PreemptionGuard, t_start: flo
       "last_loss": losses[-1] if losses else None,
       "metrics": writer.path,
   })
+  if status != "preempted":
+    params = _host_params(state.params)  # a collective: every process calls it
   if is_main and status != "preempted":
-    params = _host_params(state.params)
     summary["final_dir"] = export.save_model(os.path.join(workdir, "final"), cfg, params,
                                              tokenizer)
     if tr.export_hf:
