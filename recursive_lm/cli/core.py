@@ -148,9 +148,13 @@ def run_command(cmd: Command, args: list[str], commands: Sequence[Command]) -> i
     return 0
   try:
     fv = flag_values(cmd)
-    argv = cmd.prepare_argv(list(args)) if cmd.prepare_argv else list(args)
+    argv = [f"{PROG} {cmd.name}"] + (
+        cmd.prepare_argv(list(args)) if cmd.prepare_argv else list(args))
+    for f in fv._flags().values():  # pylint: disable=protected-access
+      if hasattr(f, "_sys_argv"):  # ml_collections config flags read overrides from it
+        f._sys_argv = argv  # pylint: disable=protected-access
     try:
-      rest = fv([f"{PROG} {cmd.name}"] + argv)[1:]
+      rest = fv(argv)[1:]
     except flags.UnrecognizedFlagError as e:
       raise UserError(_owner_hint(e.flagname, cmd, commands)) from e
     except flags.Error as e:
