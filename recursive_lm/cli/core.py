@@ -159,6 +159,11 @@ def run_command(cmd: Command, args: list[str], commands: Sequence[Command]) -> i
       raise UserError(_owner_hint(e.flagname, cmd, commands)) from e
     except flags.Error as e:
       raise UserError(f"{_flag_error(e)}; see '{PROG} {cmd.name} --help'") from e
+    except (AttributeError, KeyError) as e:  # ml_collections: --config.no_such_field
+      overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+      raise UserError(f"{' '.join(overrides) or 'an override'}: the config has no such "
+                      f"field ({one_line(e)}); check the field names in the config "
+                      "file") from e
     if rest:
       raise UserError(f"unexpected argument(s) {rest}: every input is a --flag (quote "
                       f"multi-word values, e.g. --prompt \"Once upon a time\")")
