@@ -218,3 +218,68 @@ def test_generate_twice_second_process_hits_the_compile_cache(tmp_path):
   assert logs[0][0]["compile"]["misses"] > 0
   assert logs[1][0]["compile"]["misses"] == 0 and logs[1][0]["compile"]["hits"] >= 2
   assert "0 misses" in logs[1][1] and "tokens/s decode" in logs[1][1]
+
+
+# -- generate / score / eval / bench on a tiny model with SmolLM2's tokenizer ---------
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tmp_path_factory):
+  """A random 2-loop model (d 32) with the embedded checkpoint's real tokenizer."""
+  from recursive_lm import export  # pylint: disable=g-import-not-at-top
+  from recursive_lm.checkpoints.gguf_file import _open_reader, tokenizer_from_gguf  # pylint: disable=g-import-not-at-top
+  from recursive_lm.checkpoints.presets import resolve_preset  # pylint: disable=g-import-not-at-top
+  from recursive_lm.config import DepthPlan, tiny_config  # pylint: disable=g-import-not-at-top
+  from recursive_lm.nn.model import init_params  # pylint: disable=g-import-not-at-top
+  tok = tokenizer_from_gguf(_open_reader(resolve_preset("smollm2-135m")))
+  cfg = tiny_config(vocab_size=49152, plan=DepthPlan(block=2, loops=2), max_seq_len=256,
+                    bos_id=1, eos_id=2, pad_id=2)
+  folder = tmp_path_factory.mktemp("tiny_tok") / "model"
+  export.save_model(folder, cfg, init_params(cfg, seed=0), tok)
+  return str(folder)
+
+
+@pytest.mark.parametrize("decoder", [[], ["--early_exit", "calm", "--threshold", "0.5"],
+                                     ["--early_exit", "free"],
+                                     ["--speculative", "--draft_loops", "1"]])
+def test_generate_json(tiny_with_tokenizer, capsys, decoder):
+  assert main("generate", "--model", tiny_with_tokenizer, "--prompt", "Hello there",
+              "--prompt", "Once", "--max_new_tokens", "5", "--json", *decoder) == 0
+  cap = capsys.readouterr()
+  res = json.loads(cap.out)
+  assert len(res["texts"]) == 2 and res["new_tokens"] >= 2
+  assert res["decode_tokens_per_s"] > 0 and res["decode_compile_seconds"] >= 0
+  assert "tokens/s decode" in cap.err and "compile cache off" in cap.err
+
+
+def test_generate_str_output_and_prompt_file(tiny_with_tokenizer, tmp_path, capsys):
+  pf = tmp_path / "prompts.txt"
+  pf.write_text("Hello\n\nWorld\n")
+  assert main("generate", "--model", tiny_with_tokenizer, "--prompt_file", str(pf),
+              "--max_new_tokens", "3", "--chat") == 0
+  out = capsys.readouterr().out
+  assert "### Hello" in out and "### World" in out
+  # Past max_seq_len: one line after loading, naming the flag to lower.
+  assert main("generate", "--model", tiny_with_tokenizer, "--prompt", "Hi",
+              "--max_new_tokens", "400") == 2
+  assert "--max_new_tokens" in capsys.readouterr().err
+
+
+def test_score_eval_bench(tiny_with_tokenizer, tmp_path, capsys):
+  text = tmp_path / "t.txt"
+  text.write_text("The cat sat on the mat. " * 20)
+  assert main("score", "--model", tiny_with_tokenizer, "--text_file", str(text),
+              "--window", "32", "--json") == 0
+  r = json.loads(capsys.readouterr().out)
+  assert r["n_tokens"] > 32 and r["ppl"] > 1
+  tasks = os.path.join(ROOT, "experiments", "tasks", "*.jsonl")
+  assert main("eval", "--model", tiny_with_tokenizer, "--tasks", tasks, "--limit", "2",
+              "--k_shot", "0", "--text_file", str(text), "--perplexity", "pydoc",
+              "--seq_len", "32", "--eval_batches", "1", "--batch_size", "2", "--json") == 0
+  r = json.loads(capsys.readouterr().out)
+  assert set(r["tasks"]) == {"capitals", "python_facts"} and r["text_file"]["ppl"] > 1
+  assert r["perplexity"]["n_tokens"] > 0 and r["perplexity"]["data"] == "pydoc"
+  assert main("bench", "--model", tiny_with_tokenizer, "--batch", "2", "--prompt_len", "8",
+              "--max_new_tokens", "4", "--runs", "2", "--output",
+              str(tmp_path / "b.json")) == 0
+  r = json.loads(capsys.readouterr().out)
+  assert r["median_decode_tokens_per_s"] > 0 and len(r["runs"]) == 2
+  assert json.loads((tmp_path / "b.json").read_text())["batch"] == 2
