@@ -11,9 +11,14 @@ SIGTERM saves a checkpoint after the current step and exits with status 0.
 from __future__ import annotations
 
 import os
+import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# The checkout's package, not whichever recursive_lm is installed (the configs
+# in experiments/configs re-export recursive_lm.configs).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402  pylint: disable=wrong-import-position
+from ml_collections import config_flags  # noqa: E402  pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (optionally with :variant args).", lock_config=True)
