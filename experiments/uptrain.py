@@ -1,5 +1,5 @@
 r"""Uptrain a recursive model with distillation (thin entry point; logic in
-``recursive_lm.training.trainer``).
+``recursive_lm.training.trainer``; the same as ``recursive-lm uptrain``).
 
   python experiments/uptrain.py \
     --config experiments/configs/uptrain_smollm2.py:loops=2,init=stepwise,rank=0,steps=200 \
@@ -20,9 +20,14 @@ see launch/README.md)::
 from __future__ import annotations
 
 import os
+import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# The checkout's package, not whichever recursive_lm is installed (the configs
+# in experiments/configs re-export recursive_lm.configs).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402  pylint: disable=wrong-import-position
+from ml_collections import config_flags  # noqa: E402  pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (optionally with :variant args).", lock_config=True)
@@ -30,44 +35,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (overrides config
 flags.mark_flags_as_required(["config"])
 
 
-def _fmt(v, unit=""):
-  if v is None:
-    return "n/a"
-  if isinstance(v, float):
-    return f"{v:,.4g}{unit}"
-  if isinstance(v, int):
-    return f"{v:,}{unit}"
-  return f"{v}{unit}"
-
-
-def summary_table(s: dict) -> str:
-  mem = s.get("memory", {})
-  rows = [
-      ("status", s.get("status")),
-      ("workdir", s.get("workdir")),
-      ("student", f"{s['student']['name']} ({_fmt(s['student']['unique_params'])} "
-                  f"unique params)"),
-      ("teacher params", _fmt(s["teacher"]["unique_params"])),
-      ("steps (this run)", f"{s.get('final_step')} ({s.get('steps_this_run')}; resumed "
-                           f"from {s.get('resumed_from_step')})"),
-      ("tokens trained", _fmt(s.get("tokens_trained"))),
-      ("wall time", _fmt(s.get("wall_time_s"), " s")),
-      ("compile time", _fmt(s.get("compile_time_s"), " s")),
-      ("train step (median)", _fmt(s.get("train_step_time_s_median"), " s")),
-      ("tokens/s", _fmt(s.get("tokens_per_s"))),
-      ("matmul peak / device", _fmt((s.get("matmul_peak_flops_per_device") or 0) / 1e9,
-                                    " GFLOP/s")),
-      ("MFU", _fmt(100 * s["mfu"], " %") if s.get("mfu") is not None else "n/a"),
-      ("peak host RSS", _fmt(mem.get("peak_host_rss_mb"), " MiB")),
-      ("train-step temp memory", _fmt(mem.get("train_step_temp_size_mb"), " MiB")),
-      ("teacher ppl", _fmt(s.get("teacher_ppl"))),
-      ("student ppl init", _fmt(s.get("student_ppl_init"))),
-      ("student ppl final", _fmt(s.get("student_ppl_final"))),
-      ("gap closed (NLL)", _fmt(s.get("gap_closed_fraction_nll"))),
-      ("curves", s.get("curves_png", "n/a")),
-  ]
-  w = max(len(k) for k, _ in rows)
-  return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+# The table lives in the package (the `recursive-lm uptrain` command prints it too).
+from recursive_lm.cli.train_cmds import summary_table  # noqa: E402,F401  pylint: disable=wrong-import-position
 
 
 def main(argv):

@@ -1,3 +1,5 @@
+"""``python -m recursive_lm COMMAND [--flags]``: see ``recursive_lm.cli``."""
 from recursive_lm.cli import run
 
-run()
+if __name__ == "__main__":
+  run()

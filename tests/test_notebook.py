@@ -1,19 +1,20 @@
-"""The Colab notebook: up to date with its generator, and it runs end to end.
+"""The Colab notebook: up to date with its generator, and it runs in a real
+Jupyter kernel (nbclient + ipykernel, the ``test`` extra).
 
-The slow test executes every code cell in order with ``exec`` in one namespace
-(no Jupyter needed), with tiny settings from the ``RLM_NOTEBOOK_*`` variables.
+The slow test executes the whole notebook with tiny settings from the
+``RLM_NOTEBOOK_*`` variables; the fast one runs only its install cell (which,
+inside this checkout, installs nothing) in a kernel.
 """
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NB = os.path.join(ROOT, "experiments", "colab", "uptrain_smollm2.ipynb")
 GEN = os.path.join(ROOT, "experiments", "colab", "make_notebook.py")
+MARK = "RLM_NOTEBOOK_RESULT "
 
 
 def _generator():
@@ -33,54 +34,93 @@ def _code_cells():
 def test_notebook_matches_generator():
   with open(NB, encoding="utf-8") as f:
     text = f.read()
-  assert text == _generator().render(), \
+  gen = _generator()
+  assert text == gen.render(), \
       "run python experiments/colab/make_notebook.py to regenerate the notebook"
   nb = json.loads(text)
   assert nb["nbformat"] == 4 and nb["metadata"]["kernelspec"]["language"] == "python"
   for c in nb["cells"]:
     if c["cell_type"] == "code":
       assert c["outputs"] == [] and c["execution_count"] is None
-      compile("".join(c["source"]), c["id"], "exec")  # valid Python (magics commented)
+      compile("".join(c["source"]), c["id"], "exec")  # valid Python, no magics
+  first_md = "".join(nb["cells"][0]["source"])
+  assert "colab.research.google.com/assets/colab-badge.svg" in first_md
+  assert f"colab.research.google.com/github/{gen.GITHUB_REPO}/blob/main/" \
+         "experiments/colab/uptrain_smollm2.ipynb" in first_md
+  install = _code_cells()[0][0]
+  assert f'REPO_URL = "{gen.REPO_URL}"' in install and "pip" in install
+  assert "RLM_REPO_URL" in install and "find_checkout" in install
   src = "\n".join(s for s, _ in _code_cells())
   assert "RLM_NOTEBOOK_STEPS" in src and "trainer.train(config)" in src
   assert "describe(" in src and "flax" not in src  # library calls only, no model code
 
 
-# Runs in a child process: tests/conftest.py gives this process 8 fake CPU
-# devices, over which the trainer would replicate teacher, student and optimizer
-# state 8 times (> 20 GB for SmolLM2-135M). The child has one CPU device.
-_RUNNER = """
-import json, sys
-ns = {"__name__": "__main__"}
-for src, cid in json.load(open(sys.argv[1])):
-  code = "\\n".join(l for l in src.splitlines() if not l.lstrip().startswith(("!", "%")))
-  exec(compile(code, f"<notebook {cid}>", "exec"), ns)
-s = ns["summary"]
-json.dump({"summary": {k: s.get(k) for k in ("status", "final_step", "teacher_ppl",
-                                             "student_ppl_init", "student_ppl_final")},
-           "scores": ns["scores"], "texts": ns["texts"], "prompts": ns["PROMPTS"]},
-          open(sys.argv[2], "w"))
-"""
+def _kernel_env(monkeypatch, **settings):
+  # tests/conftest.py gives this process 8 fake CPU devices, over which the
+  # trainer would replicate teacher, student and optimizer state 8 times. The
+  # kernel (a child process) gets one CPU device.
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.setenv("RLM_NOTEBOOK_NO_INSTALL", "1")  # never pip install in CI
+  monkeypatch.setenv("RLM_REPO", ROOT)
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("MPLBACKEND", "Agg")
+  for k, v in settings.items():
+    monkeypatch.setenv(k, v)
+
+
+def _execute(cells, timeout, extra=()):
+  """Runs ``cells`` (the notebook file's first N code cells, or all with None)
+  plus ``extra`` code in one kernel; returns the text printed."""
+  import nbformat  # pylint: disable=g-import-not-at-top
+  from nbclient import NotebookClient  # pylint: disable=g-import-not-at-top
+  nb = nbformat.read(NB, as_version=4)
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  keep = code if cells is None else code[:cells]
+  nb.cells = [c for c in nb.cells if c.cell_type != "code" or c in keep]
+  nb.cells += [nbformat.v4.new_code_cell(e) for e in extra]
+  NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                 resources={"metadata": {"path": ROOT}}).execute()
+  out = []
+  for c in nb.cells:
+    for o in c.get("outputs", []):
+      if o.get("output_type") == "stream":
+        out.append(o["text"])
+  return "".join(out)
+
+
+def test_install_cell_runs_in_a_kernel(monkeypatch):
+  pytest.importorskip("nbclient")
+  pytest.importorskip("ipykernel")
+  _kernel_env(monkeypatch)
+  text = _execute(1, timeout=120, extra=[
+      f"import json\nprint({MARK!r} + json.dumps(REPO))"])
+  assert f"recursive_lm {__import__('recursive_lm').__version__} from " in text
+  assert os.path.join(ROOT, "recursive_lm") in text
+  repo = json.loads(text.split(MARK, 1)[1].splitlines()[0])
+  assert repo == ROOT
 
 
 @pytest.mark.slow
-def test_notebook_executes(tmp_path):
+def test_notebook_executes(monkeypatch, tmp_path):
+  pytest.importorskip("nbclient")
   workdir = tmp_path / "nb_run"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   # One BLAS thread: numpy's SVD (LoRA init) with 2 OpenBLAS threads on busy
   # shared cores was measured 20x slower (7.8 s vs 0.4 s per 576x1536 matrix).
-  env.update(JAX_PLATFORMS="cpu", MPLBACKEND="Agg", OPENBLAS_NUM_THREADS="1",
-             OMP_NUM_THREADS="1")
-  for k, v in {"STEPS": "2", "SEQ_LEN": "64", "BATCH": "2", "EVAL_BATCHES": "1",
-               "TASK_LIMIT": "1", "K_SHOT": "0", "MAX_NEW": "4",
-               "WORKDIR": str(workdir)}.items():
-    env[f"RLM_NOTEBOOK_{k}"] = v
-  cells, out = tmp_path / "cells.json", tmp_path / "out.json"
-  cells.write_text(json.dumps(_code_cells()))
-  r = subprocess.run([sys.executable, "-c", _RUNNER, str(cells), str(out)], cwd=ROOT,
-                     env=env, capture_output=True, text=True, timeout=900)
-  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-  res = json.loads(out.read_text())
+  _kernel_env(monkeypatch, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+              **{f"RLM_NOTEBOOK_{k}": v for k, v in {
+                  "STEPS": "2", "SEQ_LEN": "64", "BATCH": "2", "EVAL_BATCHES": "1",
+                  "TASK_LIMIT": "1", "K_SHOT": "0", "MAX_NEW": "4",
+                  "WORKDIR": str(workdir)}.items()})
+  report = f"""
+import json
+s = summary
+print({MARK!r} + json.dumps({{
+    "summary": {{k: s.get(k) for k in ("status", "final_step", "teacher_ppl",
+                                      "student_ppl_init", "student_ppl_final")}},
+    "scores": scores, "texts": texts, "prompts": PROMPTS}}))
+"""
+  text = _execute(None, timeout=900, extra=[report])
+  res = json.loads(text.split(MARK, 1)[1].splitlines()[0])
   s, scores = res["summary"], res["scores"]
   assert s["status"] == "completed" and s["final_step"] == 2
   assert list(scores) == ["teacher", "student at init", "student uptrained"]
@@ -93,4 +133,4 @@ def test_notebook_executes(tmp_path):
                                                              rel=1e-3)
   assert (workdir / "notebook_curves.png").stat().st_size > 1000
   assert len(res["texts"]) == len(res["prompts"])
-  assert "describe" in r.stdout or "unique params" in r.stdout
+  assert "describe" in text or "unique params" in text

