@@ -47,15 +47,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from recursive_lm.config import ModelConfig
-from recursive_lm.decode import depth as D
+from recursive_lm.nn import unrolled as D
 from recursive_lm.decode.calm import KV_POLICIES, ORACLES, RULES, CalmSpec, calm_step
 from recursive_lm.decode.engine import (GenerateOutput, _round_up, bucket_length,
                                         check_prompts, token_ids)
 from recursive_lm.decode.free import SYNC_POLICIES, FreeSpec, free_init, free_step
 from recursive_lm.decode.sampling import SamplingConfig, sample
-from recursive_lm.early_exit import confidence as C
-from recursive_lm.early_exit.thresholds import (BetaMixtureConfig, beta_mixture_init,
-                                                decaying_threshold)
+from recursive_lm.decode import exit_rule as X
+from recursive_lm.early_exit.thresholds import BetaMixtureConfig, beta_mixture_init
 from recursive_lm.nn.model import Transformer, cache_length, decode_layout, init_cache
 
 POLICIES = ("free", "calm")
@@ -175,12 +174,9 @@ class EarlyExitEngine:
     if policy == "free" and exits is None and cfg.plan.loops >= 2:
       exits = D.loop_exits(cfg)[:1]  # FREE: shallow exit after the first loop
     self.exits = _check_exits(cfg, exits)
-    conf_fn = C.get_confidence_fn(confidence)  # raises on unknown names
-    measure = {C.hidden_cosine: "state", C.kl_confidence: "kl",
-               C.meta_confidence: "meta"}.get(conf_fn, "logits")
-    if measure == "meta" and meta_params is None:
-      raise ValueError("confidence='meta' needs meta_params (see "
-                       "early_exit.confidence.train_meta_classifier)")
+    rule_measure = X.measure_from_name(confidence, meta_params)  # raises on bad names
+    measure = ("state" if isinstance(rule_measure, X.StateCosine) else
+               "kl" if isinstance(rule_measure, X.KLMeasure) else rule_measure.name)
     adaptive = None
     if isinstance(threshold, str):
       if threshold != "adaptive":
@@ -226,7 +222,7 @@ class EarlyExitEngine:
     self.adaptive = adaptive
     self.model = Transformer(cfg)
     self.eos_id, self.pad_id = token_ids(cfg, eos_id, pad_id)
-    self._conf = self._make_conf(conf_fn, measure, meta_params)
+    self.rule = X.make_rule(rule_measure, schedule, position_temp, adaptive).bind(cfg, params)
     self.bmm_state = beta_mixture_init(adaptive or BetaMixtureConfig())
     self.trace_count = 0
     self._prefill = jax.jit(self._prefill_impl)
@@ -242,25 +238,6 @@ class EarlyExitEngine:
     """Forget the adaptive threshold's accumulated calibration pairs."""
     self.bmm_state = beta_mixture_init(self.adaptive or BetaMixtureConfig())
 
-  # -- confidence ------------------------------------------------------------
-  def _make_conf(self, fn, measure: str, meta_params):
-    if self.policy == "free":
-      if measure == "meta":
-        return lambda h, logits: fn(meta_params, h)
-      return lambda h, logits: fn(logits)
-
-    def conf(i, h, logits, prev_h, prev_logits):
-      if measure == "logits":
-        return fn(logits).astype(jnp.float32)
-      if measure == "meta":
-        return fn(meta_params, h).astype(jnp.float32)
-      if i == 0:  # CALM: no previous exit, the first one can never exit
-        return jnp.zeros(h.shape[:1], jnp.float32)
-      if measure == "state":
-        return fn(prev_h, h).astype(jnp.float32)
-      return fn(prev_logits, logits).astype(jnp.float32)
-    return conf
-
   # -- jitted pieces ---------------------------------------------------------
   def _prefill_impl(self, params, cache, tokens, lengths):
     b, t = tokens.shape
@@ -272,15 +249,15 @@ class EarlyExitEngine:
     last = jnp.take_along_axis(out["logits"], (lengths - 1)[:, None, None], axis=1)[:, 0]
     return last, out["cache"]
 
-  def _step(self, params, cache, tok, pos, active, thr, pstate):
+  def _step(self, params, cache, tok, pos, active, thr, pstate, forced):
     if self.policy == "free":
-      return free_step(self.cfg, params, self.spec, self._conf, cache, tok, pos, active,
-                       thr, pstate)
-    return calm_step(self.cfg, params, self.spec, self._conf, cache, tok, pos, active,
-                     thr, pstate)
+      return free_step(self.cfg, params, self.spec, self.rule, cache, tok, pos, active,
+                       thr, pstate, forced)
+    return calm_step(self.cfg, params, self.spec, self.rule, cache, tok, pos, active,
+                     thr, pstate, forced)
 
   def _generate_impl(self, params, cache, last_logits, lengths, rng, thr_base, pstate,
-                     max_new, sampling, stop_at_eos):
+                     forced, max_new, sampling, stop_at_eos):
     self.trace_count += 1  # trace-time side effect: counts compilations
     b, n = lengths.shape[0], len(self.exits)
     eos = -1 if self.eos_id is None else self.eos_id
@@ -300,13 +277,10 @@ class EarlyExitEngine:
     def body(st):
       step, cache, tok, pos, done, out, idx, confs, rng, pstate, stats = st
       active = ~done
-      if self.schedule == "decaying":
-        thr = decaying_threshold(thr_base, jnp.broadcast_to(step, (b,)), max_new,
-                                 self.position_temp)
-      else:
-        thr = jnp.broadcast_to(thr_base, (b,))
+      thr = self.rule.thresholds(thr_base, step, max_new, b)
+      f = None if forced is None else jax.lax.dynamic_index_in_dim(forced, step, 1, False)
       logits, e_idx, e_conf, cache, pstate, d = self._step(params, cache, tok, pos, active,
-                                                           thr, pstate)
+                                                           thr, pstate, f)
       rng, sub = jax.random.split(rng)
       new = jnp.where(active, sample(logits, sub, sampling), self.pad_id)
       out = out.at[:, step].set(new)
@@ -328,12 +302,15 @@ class EarlyExitEngine:
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
                sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
                stop_at_eos: bool = True, threshold: float | None = None,
-               return_cache: bool = False) -> EarlyExitOutput:
+               return_cache: bool = False, forced=None) -> EarlyExitOutput:
     """Generates up to ``max_new_tokens`` per prompt (token id lists).
 
     ``threshold`` overrides the engine's λ for this call (no recompilation);
     not allowed with the adaptive threshold. ``return_cache`` keeps the final
-    KV cache and positions on the output (tests, analysis).
+    KV cache and positions on the output (tests, analysis). ``forced``: an
+    int table [B, max_new_tokens] of exit indices (``exit_rule.
+    forced_exit_table``): token t of row b also exits at exit i when ``i >=
+    forced[b, t]`` (the forced-exit benchmark; column 0 is the prefill token).
 
     Timing: ``prefill_seconds``/``decode_seconds`` are wall-clock around the
     jitted calls with ``block_until_ready``; the first call for a new shape
@@ -360,8 +337,14 @@ class EarlyExitEngine:
     last, cache = self._prefill(self.params, cache, jnp.asarray(tokens), lens)
     last.block_until_ready()
     t1 = time.perf_counter()
+    if forced is not None:
+      forced = np.asarray(forced, np.int32)
+      if forced.shape != (b, max_new_tokens):
+        raise ValueError(f"forced must be an int table [batch, max_new_tokens] = "
+                         f"{[b, max_new_tokens]}, got shape {list(forced.shape)}")
+      forced = jnp.asarray(forced)
     res = self._generate(self.params, cache, last, lens, jax.random.key(seed),
-                         jnp.float32(thr), pstate, max_new=max_new_tokens,
+                         jnp.float32(thr), pstate, forced, max_new=max_new_tokens,
                          sampling=sampling, stop_at_eos=stop_at_eos)
     out, idx, confs, steps, cache, pos, pstate, stats = jax.block_until_ready(res)
     t2 = time.perf_counter()

@@ -135,20 +135,24 @@ class Engine:
       return (step < max_new) & ~jnp.all(done)
 
     def body(st):
-      step, cache, logits, pos, done, out, rng = st
+      # tok (column step - 1 of out) goes through the model; its successor is
+      # sampled into column step. max_new tokens cost max_new - 1 forwards.
+      step, cache, tok, pos, done, out, rng = st
+      logits, cache = chunk_step(self.model, params, cache, tok[:, None],
+                                 pos[:, None], pos[:, None])
       rng, sub = jax.random.split(rng)
-      tok = sample(logits, sub, sampling)
-      tok = jnp.where(done, self.pad_id, tok)
-      out = out.at[:, step].set(tok)
+      new = jnp.where(done, self.pad_id, sample(logits[:, 0], sub, sampling))
+      out = out.at[:, step].set(new)
       if stop_at_eos:
-        done = done | (tok == eos)
-      new_logits, cache = chunk_step(self.model, params, cache, tok[:, None],
-                                     pos[:, None], pos[:, None])
-      return step + 1, cache, new_logits[:, 0], pos + 1, done, out, rng
+        done = done | (new == eos)
+      return step + 1, cache, new, pos + 1, done, out, rng
 
-    out = jnp.full((b, max_new), self.pad_id, jnp.int32)
-    st = (jnp.zeros((), jnp.int32), cache, last_logits, lengths.astype(jnp.int32),
-          jnp.zeros((b,), bool), out, rng)
+    rng, sub = jax.random.split(rng)
+    first = sample(last_logits, sub, sampling)
+    out = jnp.full((b, max_new), self.pad_id, jnp.int32).at[:, 0].set(first)
+    done = (first == eos) if stop_at_eos else jnp.zeros((b,), bool)
+    st = (jnp.ones((), jnp.int32), cache, first, lengths.astype(jnp.int32), done, out,
+          rng)
     step, cache, _, _, done, out, _ = jax.lax.while_loop(cond, body, st)
     return out, step
 

@@ -44,11 +44,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from recursive_lm.config import ModelConfig
-from recursive_lm.decode import depth as D
+from recursive_lm.nn import unrolled as D
 from recursive_lm.decode.engine import (GenerateOutput, _round_up, bucket_length,
                                         check_prompts, prefill_step,
                                         token_ids)
-from recursive_lm.decode.sampling import SamplingConfig, sample
+from recursive_lm.decode.sampling import SamplingConfig, argmax, sample
 from recursive_lm.nn.model import Transformer, cache_length, decode_layout, init_cache
 
 Array = jax.Array
@@ -200,13 +200,14 @@ class SelfSpeculativeEngine:
                                 cache, jnp.where(done[:, None], s, cpos))
     return normalize_cache(cache), D.head(cfg, params, chunk)      # [B, d+1, V]
 
-  def _accept(self, drafts, q_logits, p_logits, key, sampling):
-    """Returns (accepted count a [B], next token after the accepted prefix [B])."""
+  def _accept(self, drafts, q_logits, p_logits, key, sampling, forced=None):
+    """Returns (accepted count a [B], next token after the accepted prefix [B]).
+    ``forced`` [B, d] bool replaces the greedy acceptance test (benchmark)."""
     d = self.draft_len
     b = drafts.shape[0]
-    if sampling.greedy:
-      target = jnp.argmax(p_logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
-      ok = drafts == target[:, :d]
+    if sampling.greedy or forced is not None:
+      target = argmax(p_logits.astype(jnp.float32))
+      ok = drafts == target[:, :d] if forced is None else forced
       a = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
       return a, jnp.take_along_axis(target, a[:, None], axis=1)[:, 0]
     k_acc, k_res = jax.random.split(key)
@@ -227,7 +228,7 @@ class SelfSpeculativeEngine:
     tok = jax.random.categorical(k_res, jnp.log(res), axis=-1).astype(jnp.int32)
     return a, tok
 
-  def _generate_impl(self, params, cache, last_logits, lengths, rng, max_new,
+  def _generate_impl(self, params, cache, last_logits, lengths, rng, forced, max_new,
                      sampling, stop_at_eos):
     b = lengths.shape[0]
     d = self.draft_len
@@ -249,7 +250,10 @@ class SelfSpeculativeEngine:
       cache, q_states, drafts, q_logits = self._draft(
           params, cache, u, pos, done, jax.random.split(k_draft, d), sampling)
       cache, p_logits = self._verify(params, cache, pos, done, q_states, drafts[:, -1])
-      a, nxt = self._accept(drafts, q_logits, p_logits, k_acc, sampling)
+      f = (None if forced is None
+           else jax.lax.dynamic_index_in_dim(forced, jnp.minimum(rnd, forced.shape[1] - 1),
+                                             1, False))
+      a, nxt = self._accept(drafts, q_logits, p_logits, k_acc, sampling, f)
       # Emitted this round: drafts[:a] then nxt, cut at EOS and max_new.
       j = jnp.arange(d + 1, dtype=jnp.int32)[None]
       padded = jnp.concatenate([drafts, drafts[:, :1]], axis=1)
@@ -280,11 +284,14 @@ class SelfSpeculativeEngine:
   # -- public API --------------------------------------------------------------
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
                sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
-               stop_at_eos: bool = True) -> SpeculativeOutput:
+               stop_at_eos: bool = True, forced=None) -> SpeculativeOutput:
     """Generates up to ``max_new_tokens`` per prompt (stopping at EOS per row).
 
     Greedy ``sampling`` reproduces ``Engine`` greedy decoding exactly (up to
     float ties); sampling draws from the full model's processed distribution.
+    ``forced``: bool [B, max_new_tokens, draft_len], acceptance of draft token
+    j at round r replayed from a table instead of tested (the forced-exit
+    benchmark; the output is then the accepted drafts + the verifier's token).
     """
     lengths = check_prompts(self.cfg, prompts, max_new_tokens)
     t = bucket_length(max(lengths))
@@ -299,8 +306,16 @@ class SelfSpeculativeEngine:
     last, cache = self._prefill(self.params, cache, jnp.asarray(tokens), lens)
     last.block_until_ready()
     t1 = time.perf_counter()
+    if forced is not None:
+      forced = np.asarray(forced, bool)
+      want = (len(prompts), max_new_tokens, self.draft_len)
+      if forced.shape != want:
+        raise ValueError(f"forced must be a bool table [batch, max_new_tokens, draft_len]"
+                         f" = {list(want)}, got shape {list(forced.shape)}")
+      forced = jnp.asarray(forced)
     out, n_out, rounds, stats = self._generate(
-        self.params, cache, last, lens, jax.random.key(seed), max_new=max_new_tokens,
+        self.params, cache, last, lens, jax.random.key(seed), forced,
+        max_new=max_new_tokens,
         sampling=sampling, stop_at_eos=stop_at_eos)
     out, n_out = np.asarray(out), np.asarray(n_out)
     t2 = time.perf_counter()
