@@ -41,13 +41,13 @@ Oracle modes for analysis (they run the full depth for every row):
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from recursive_lm.config import ModelConfig
-from recursive_lm.decode import depth as D
+from recursive_lm.nn import unrolled as D
+from recursive_lm.decode.exit_rule import ExitRule
 from recursive_lm.nn import layers as L
 from recursive_lm.nn.model import cache_length
 
@@ -56,8 +56,6 @@ RULES = ("per_row", "batch_min")
 KV_POLICIES = ("propagate", "first_loop")
 ORACLES = (None, "cache", "tokens", "noisy_cache")
 
-# conf(i, h [B, D], logits [B, V], prev_h, prev_logits) -> [B] float32
-ConfFn = Callable[[int, Array, Array, Array, Array], Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,23 +104,31 @@ def _record(confs: Array, i, c: Array, mask: Array) -> Array:
   return jnp.where(hit, c[:, None], confs)
 
 
-def calm_step(cfg: ModelConfig, params, spec: CalmSpec, conf: ConfFn, cache,
-              tok: Array, pos: Array, active: Array, thr: Array, state=None):
-  """One CALM decode step. tok, pos, active, thr: [B].
+def calm_step(cfg: ModelConfig, params, spec: CalmSpec, rule: ExitRule, cache,
+              tok: Array, pos: Array, active: Array, thr: Array, state=None,
+              forced: Array | None = None):
+  """One CALM decode step. tok, pos, active, thr: [B]; forced: [B] or None
+  (``ExitRule.decide``).
 
   Returns (logits [B, V], exit index [B], exit confidences [B, n] (NaN where
   not checked; the last exit is never checked), cache, state (unused, None),
   stats dict of int32 scalars).
+
+  With a head-free measure the LM head runs once, after the segment loop, on
+  each row's exit state; a softmax measure reads it at every checked exit.
+  Skipped-layer KV is filled only when some row has exited (``lax.cond``).
   """
   if spec.oracle is not None:
-    return _oracle_step(cfg, params, spec, conf, cache, tok, pos, active, thr)
+    return _oracle_step(cfg, params, spec, rule, cache, tok, pos, active, thr, forced)
   exits = spec.exits
   n = len(exits)
   starts = (0,) + exits[:-1]
   s = cache_length(cache)
   h0 = D.embed(cfg, params, tok[:, None])
   b = tok.shape[0]
-  logits0 = jnp.zeros((b, cfg.vocab_size), jnp.dtype(cfg.dtype))
+  use_logits = rule.needs_logits
+  logits0 = (jnp.zeros((b, cfg.vocab_size), jnp.dtype(cfg.dtype)) if use_logits
+             else jnp.zeros((b, 0), jnp.float32))
   exit_layer0 = jnp.full((b,), cfg.plan.effective_depth, jnp.int32)
   exit_tab = jnp.asarray(exits, jnp.int32)
 
@@ -130,42 +136,59 @@ def calm_step(cfg: ModelConfig, params, spec: CalmSpec, conf: ConfFn, cache,
     def run(h, cache, und, dec, exit_layer):
       h_new, cache = D.run_layers(cfg, params, starts[i], exits[i], h, pos[:, None], cache,
                                   jnp.where(und, pos, s)[:, None])
-      cache = fill_skipped(cfg, params, spec.kv, starts[i], exits[i], h, pos, cache,
-                           jnp.where(dec, pos, s)[:, None], exit_layer)
+      if i > 0:  # rows decided at an earlier exit: this segment's KV from their state
+        fill = lambda c: fill_skipped(cfg, params, spec.kv, starts[i], exits[i], h, pos, c,
+                                      jnp.where(dec, pos, s)[:, None], exit_layer)
+        cache = jax.lax.cond(jnp.any(dec), fill, lambda c: c, cache)
       return h_new, cache
     return run
 
   branches = [segment(i) for i in range(n)]
+
+  def conf_at(i):
+    def run(h, logits, prev_h, prev_logits):
+      lg = logits if use_logits else None
+      if i == 0:
+        return rule.confidence(h, lg, None, None)
+      return rule.confidence(h, lg, prev_h, prev_logits if use_logits else None)
+    return run
+
+  conf_branches = [conf_at(i) for i in range(n)]
 
   def cond(c):
     seg, und = c[0], c[3]
     return (seg < n) & jnp.any(und)
 
   def body(c):
-    seg, h, cache, und, sel, idx, confs, prev_h, prev_logits = c
+    seg, h, cache, und, sel, sel_h, idx, confs, prev_h, prev_logits = c
     dec = active & ~und
     exit_layer = jnp.where(dec, exit_tab[jnp.clip(idx, 0, n - 1)], exit_layer0)
     h_new, cache = jax.lax.switch(seg, branches, h, cache, und, dec, exit_layer)
     h = jnp.where(und[:, None, None], h_new, h)
-    logits = D.head(cfg, params, h[:, 0])
-    cf = jax.lax.switch(seg, [lambda a, bb, cc, dd, i=i: conf(i, a, bb, cc, dd)
-                              for i in range(n)], h[:, 0], logits, prev_h, prev_logits)
+    logits = D.head(cfg, params, h[:, 0]) if use_logits else logits0
+    cf = jax.lax.switch(seg, conf_branches, h[:, 0], logits, prev_h, prev_logits)
     last = seg == n - 1
-    ok = cf >= thr
+    ok = rule.decide(seg, cf, thr, forced)
     if spec.rule == "per_row":
       go = und & (ok | last)
     else:
       go = und & (jnp.all(ok | ~und) | last)
-    sel = jnp.where(go[:, None], logits, sel)
+    if use_logits:
+      sel = jnp.where(go[:, None], logits, sel)
+    sel_h = jnp.where(go[:, None], h[:, 0], sel_h)
     idx = jnp.where(go, seg, idx)
     confs = _record(confs, seg, cf, und & ~last)
     prev_h = jnp.where(und[:, None], h[:, 0], prev_h)
-    prev_logits = jnp.where(und[:, None], logits, prev_logits)
-    return seg + 1, h, cache, und & ~go, sel, idx, confs, prev_h, prev_logits
+    if use_logits:
+      prev_logits = jnp.where(und[:, None], logits, prev_logits)
+    return seg + 1, h, cache, und & ~go, sel, sel_h, idx, confs, prev_h, prev_logits
 
-  c0 = (jnp.int32(0), h0, cache, active, logits0, jnp.full((b,), n - 1, jnp.int32),
-        jnp.full((b, n), jnp.nan, jnp.float32), h0[:, 0], logits0)
-  seg, h, cache, _, sel, idx, confs, _, _ = jax.lax.while_loop(cond, body, c0)
+  c0 = (jnp.int32(0), h0, cache, active, logits0, h0[:, 0],
+        jnp.full((b,), n - 1, jnp.int32), jnp.full((b, n), jnp.nan, jnp.float32), h0[:, 0],
+        logits0)
+  seg, h, cache, _, sel, sel_h, idx, confs, _, _ = jax.lax.while_loop(cond, body, c0)
+  if not use_logits:  # the one head per emitted token
+    sel = D.head(cfg, params, sel_h)
 
   # Segments no row reached: fill them for every active row from its exit state.
   exit_layer = exit_tab[idx]
@@ -186,7 +209,8 @@ def calm_step(cfg: ModelConfig, params, spec: CalmSpec, conf: ConfFn, cache,
   return sel, idx, confs, cache, state, stats
 
 
-def _oracle_step(cfg, params, spec: CalmSpec, conf: ConfFn, cache, tok, pos, active, thr):
+def _oracle_step(cfg, params, spec: CalmSpec, rule: ExitRule, cache, tok, pos, active, thr,
+                 forced=None):
   exits = spec.exits
   n = len(exits)
   starts = (0,) + exits[:-1]
@@ -194,15 +218,15 @@ def _oracle_step(cfg, params, spec: CalmSpec, conf: ConfFn, cache, tok, pos, act
   slots = jnp.where(active, pos, s)[:, None]
   h = D.embed(cfg, params, tok[:, None])
   logits_all, ok_all, confs, states = [], [], [], []
-  prev_h, prev_logits = h[:, 0], None
+  prev_h, prev_logits = None, None
   for i in range(n):
     h, cache = D.run_layers(cfg, params, starts[i], exits[i], h, pos[:, None], cache, slots)
     states.append(h)
     logits = D.head(cfg, params, h[:, 0])
-    cf = conf(i, h[:, 0], logits, prev_h, logits if prev_logits is None else prev_logits)
+    cf = rule.confidence(h[:, 0], logits, prev_h, prev_logits)
     logits_all.append(logits)
     confs.append(cf if i < n - 1 else jnp.full_like(cf, jnp.nan))
-    ok_all.append(cf >= thr)
+    ok_all.append(rule.decide(i, cf, thr, forced))
     prev_h, prev_logits = h[:, 0], logits
   stacked = jnp.stack(logits_all)                                   # [n, B, V]
   if spec.oracle == "tokens":

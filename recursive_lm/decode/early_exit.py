@@ -33,6 +33,9 @@ a traced argument: changing it per call does not recompile. ``schedule=
 "decaying"`` applies CALM's position-decaying λ_t with t = the index of the new
 token (0 = first new token) and N = ``max_new_tokens`` (fix of §4.2-ii).
 
+Exit decisions are ``decode.exit_rule.ExitRule`` objects (measure x schedule);
+each step is a policy of the one decode loop (``decode.engine.decode_loop``).
+
 Compiled code is reused across calls with the same prompt bucket, batch size,
 ``max_new_tokens`` and sampling settings (``trace_count`` counts traces).
 """
@@ -47,16 +50,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from recursive_lm.config import ModelConfig
-from recursive_lm.decode import depth as D
+from recursive_lm.nn import unrolled as D
 from recursive_lm.decode.calm import KV_POLICIES, ORACLES, RULES, CalmSpec, calm_step
-from recursive_lm.decode.engine import (GenerateOutput, _round_up, bucket_length,
-                                        check_prompts, token_ids)
+from recursive_lm.decode.engine import (DecodeState, GenerateOutput, Record, StepCtx,
+                                        StepOut, decode_loop, prefill_step, prepare,
+                                        token_ids)
 from recursive_lm.decode.free import SYNC_POLICIES, FreeSpec, free_init, free_step
 from recursive_lm.decode.sampling import SamplingConfig, sample
-from recursive_lm.early_exit import confidence as C
-from recursive_lm.early_exit.thresholds import (BetaMixtureConfig, beta_mixture_init,
-                                                decaying_threshold)
-from recursive_lm.nn.model import Transformer, cache_length, decode_layout, init_cache
+from recursive_lm.decode import exit_rule as X
+from recursive_lm.early_exit.thresholds import BetaMixtureConfig, beta_mixture_init
+from recursive_lm.nn.cache import normalize_cache
+from recursive_lm.nn.model import Transformer, decode_layout
 
 POLICIES = ("free", "calm")
 SCHEDULES = ("fixed", "decaying")
@@ -135,6 +139,41 @@ def _check_exits(cfg: ModelConfig, exits) -> tuple[int, ...]:
   return tuple(exits)
 
 
+class ExitPolicy:
+  """Decode policy of FREE and CALM (``decode_loop``): one token per row per
+  step, its depth decided by the engine's ``ExitRule``."""
+  max_emit = 1
+  stat_names = ("deep_passes", "kv_catchup_tokens", "forced_syncs", "deep_chunk_width",
+                "kv_filled_layers")
+
+  def __init__(self, cfg: ModelConfig, spec, rule: X.ExitRule, n_exits: int, pad_id: int):
+    self.cfg, self.spec, self.rule, self.n, self.pad_id = cfg, spec, rule, n_exits, pad_id
+    self.is_free = isinstance(spec, FreeSpec)
+
+  def init(self, batch):
+    return free_init(self.cfg, batch, self.spec) if self.is_free else None
+
+  def records(self):
+    return {"idx": Record(-1, first=self.n - 1),
+            "confs": Record(jnp.nan, (self.n,), jnp.float32)}
+
+  def step(self, params, cache, st: DecodeState, ctx: StepCtx) -> StepOut:
+    b = st.tok.shape[0]
+    active = ~st.done
+    t = st.step + 1  # index of the token this step emits
+    thr = self.rule.thresholds(ctx.threshold, t, ctx.max_new, b)
+    f = None if ctx.forced is None else jax.lax.dynamic_index_in_dim(ctx.forced, t, 1, False)
+    fn = free_step if self.is_free else calm_step
+    logits, e_idx, e_conf, cache, pstate, d = fn(self.cfg, params, self.spec, self.rule,
+                                                 cache, st.tok, st.pos, active, thr,
+                                                 st.pstate, f)
+    rng, sub = jax.random.split(st.rng)
+    new = jnp.where(active, sample(logits, sub, ctx.sampling), self.pad_id)
+    recs = {"idx": jnp.where(active, e_idx, -1)[:, None],
+            "confs": jnp.where(active[:, None], e_conf, jnp.nan)[:, None]}
+    return StepOut(new[:, None], active.astype(jnp.int32), cache, pstate, rng, recs, d)
+
+
 class EarlyExitEngine:
   """Batched early-exit generation for one model (module docstring).
 
@@ -143,7 +182,10 @@ class EarlyExitEngine:
     exits: unrolled layer counts of the exits (see module docstring).
     policy: "free" or "calm".
     confidence: a measure name from ``early_exit.confidence`` (softmax_diff,
-      softmax_max, entropy, meta; CALM also state, kl).
+      softmax_max, entropy, meta; CALM also state, kl) or a ``decode.exit_rule``
+      ``Measure`` (e.g. ``Shortlist(token_ids)``). Head-free measures (meta,
+      state, shortlist) make a non-exiting token pay only its exit check: the
+      full head runs once per emitted token.
     threshold: float λ, or "adaptive" (FREE only: Beta-mixture estimator,
       initial λ = ``adaptive_config.init_threshold``; its state persists
       across ``generate`` calls, see ``reset_adaptive``).
@@ -175,12 +217,9 @@ class EarlyExitEngine:
     if policy == "free" and exits is None and cfg.plan.loops >= 2:
       exits = D.loop_exits(cfg)[:1]  # FREE: shallow exit after the first loop
     self.exits = _check_exits(cfg, exits)
-    conf_fn = C.get_confidence_fn(confidence)  # raises on unknown names
-    measure = {C.hidden_cosine: "state", C.kl_confidence: "kl",
-               C.meta_confidence: "meta"}.get(conf_fn, "logits")
-    if measure == "meta" and meta_params is None:
-      raise ValueError("confidence='meta' needs meta_params (see "
-                       "early_exit.confidence.train_meta_classifier)")
+    rule_measure = X.measure_from_name(confidence, meta_params)  # raises on bad names
+    measure = ("state" if isinstance(rule_measure, X.StateCosine) else
+               "kl" if isinstance(rule_measure, X.KLMeasure) else rule_measure.name)
     adaptive = None
     if isinstance(threshold, str):
       if threshold != "adaptive":
@@ -226,8 +265,9 @@ class EarlyExitEngine:
     self.adaptive = adaptive
     self.model = Transformer(cfg)
     self.eos_id, self.pad_id = token_ids(cfg, eos_id, pad_id)
-    self._conf = self._make_conf(conf_fn, measure, meta_params)
+    self.rule = X.make_rule(rule_measure, schedule, position_temp, adaptive).bind(cfg, params)
     self.bmm_state = beta_mixture_init(adaptive or BetaMixtureConfig())
+    self.exit_policy = ExitPolicy(cfg, self.spec, self.rule, len(self.exits), self.pad_id)
     self.trace_count = 0
     self._prefill = jax.jit(self._prefill_impl)
     self._generate = jax.jit(self._generate_impl,
@@ -242,98 +282,33 @@ class EarlyExitEngine:
     """Forget the adaptive threshold's accumulated calibration pairs."""
     self.bmm_state = beta_mixture_init(self.adaptive or BetaMixtureConfig())
 
-  # -- confidence ------------------------------------------------------------
-  def _make_conf(self, fn, measure: str, meta_params):
-    if self.policy == "free":
-      if measure == "meta":
-        return lambda h, logits: fn(meta_params, h)
-      return lambda h, logits: fn(logits)
-
-    def conf(i, h, logits, prev_h, prev_logits):
-      if measure == "logits":
-        return fn(logits).astype(jnp.float32)
-      if measure == "meta":
-        return fn(meta_params, h).astype(jnp.float32)
-      if i == 0:  # CALM: no previous exit, the first one can never exit
-        return jnp.zeros(h.shape[:1], jnp.float32)
-      if measure == "state":
-        return fn(prev_h, h).astype(jnp.float32)
-      return fn(prev_logits, logits).astype(jnp.float32)
-    return conf
-
   # -- jitted pieces ---------------------------------------------------------
   def _prefill_impl(self, params, cache, tokens, lengths):
-    b, t = tokens.shape
-    s = cache_length(cache)
-    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    slots = jnp.where(pos < lengths[:, None], pos, s)
-    out = self.model.apply({"params": params}, tokens, positions=pos, cache=cache,
-                           write_slots=slots)
-    last = jnp.take_along_axis(out["logits"], (lengths - 1)[:, None, None], axis=1)[:, 0]
-    return last, out["cache"]
-
-  def _step(self, params, cache, tok, pos, active, thr, pstate):
-    if self.policy == "free":
-      return free_step(self.cfg, params, self.spec, self._conf, cache, tok, pos, active,
-                       thr, pstate)
-    return calm_step(self.cfg, params, self.spec, self._conf, cache, tok, pos, active,
-                     thr, pstate)
+    last, cache = prefill_step(self.model, params, cache, tokens, lengths)
+    return last, normalize_cache(cache)
 
   def _generate_impl(self, params, cache, last_logits, lengths, rng, thr_base, pstate,
-                     max_new, sampling, stop_at_eos):
+                     forced, max_new, sampling, stop_at_eos):
     self.trace_count += 1  # trace-time side effect: counts compilations
-    b, n = lengths.shape[0], len(self.exits)
-    eos = -1 if self.eos_id is None else self.eos_id
-    rng, sub = jax.random.split(rng)
-    tok = sample(last_logits, sub, sampling)
-    out = jnp.full((b, max_new), self.pad_id, jnp.int32).at[:, 0].set(tok)
-    idx = jnp.full((b, max_new), -1, jnp.int32).at[:, 0].set(n - 1)
-    confs = jnp.full((b, max_new, n), jnp.nan, jnp.float32)
-    done = (tok == eos) if stop_at_eos else jnp.zeros((b,), bool)
-    zero = jnp.int32(0)
-    stats = {"deep_passes": zero, "kv_catchup_tokens": zero, "forced_syncs": zero,
-             "deep_chunk_width": zero, "kv_filled_layers": zero}
-
-    def cond(st):
-      return (st[0] < max_new) & ~jnp.all(st[4])
-
-    def body(st):
-      step, cache, tok, pos, done, out, idx, confs, rng, pstate, stats = st
-      active = ~done
-      if self.schedule == "decaying":
-        thr = decaying_threshold(thr_base, jnp.broadcast_to(step, (b,)), max_new,
-                                 self.position_temp)
-      else:
-        thr = jnp.broadcast_to(thr_base, (b,))
-      logits, e_idx, e_conf, cache, pstate, d = self._step(params, cache, tok, pos, active,
-                                                           thr, pstate)
-      rng, sub = jax.random.split(rng)
-      new = jnp.where(active, sample(logits, sub, sampling), self.pad_id)
-      out = out.at[:, step].set(new)
-      idx = idx.at[:, step].set(jnp.where(active, e_idx, -1))
-      confs = confs.at[:, step].set(jnp.where(active[:, None], e_conf, jnp.nan))
-      if stop_at_eos:
-        done = done | (active & (new == eos))
-      stats = {k: v + d.get(k, 0) for k, v in stats.items()}
-      return (step + 1, cache, jnp.where(active, new, tok), pos + active, done, out, idx,
-              confs, rng, pstate, stats)
-
-    st = (jnp.int32(1), cache, tok, lengths.astype(jnp.int32), done, out, idx, confs, rng,
-          pstate, stats)
-    st = jax.lax.while_loop(cond, body, st)
-    step, cache, _, pos, _, out, idx, confs, _, pstate, stats = st
-    return out, idx, confs, step, cache, pos, pstate, stats
+    ctx = StepCtx(max_new, sampling, thr_base, forced)
+    st, cache = decode_loop(self.exit_policy, params, cache, last_logits, lengths, rng, ctx,
+                            stop_at_eos, self.eos_id, self.pad_id, pstate=pstate)
+    return (st.out, st.records["idx"], st.records["confs"], st.step + 1, cache, st.pos,
+            st.pstate, st.stats)
 
   # -- public API ------------------------------------------------------------
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
                sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
                stop_at_eos: bool = True, threshold: float | None = None,
-               return_cache: bool = False) -> EarlyExitOutput:
+               return_cache: bool = False, forced=None) -> EarlyExitOutput:
     """Generates up to ``max_new_tokens`` per prompt (token id lists).
 
     ``threshold`` overrides the engine's λ for this call (no recompilation);
     not allowed with the adaptive threshold. ``return_cache`` keeps the final
-    KV cache and positions on the output (tests, analysis).
+    KV cache and positions on the output (tests, analysis). ``forced``: an
+    int table [B, max_new_tokens] of exit indices (``exit_rule.
+    forced_exit_table``): token t of row b also exits at exit i when ``i >=
+    forced[b, t]`` (the forced-exit benchmark; column 0 is the prefill token).
 
     Timing: ``prefill_seconds``/``decode_seconds`` are wall-clock around the
     jitted calls with ``block_until_ready``; the first call for a new shape
@@ -341,27 +316,26 @@ class EarlyExitEngine:
     ``steps`` counts new tokens produced (max over rows, the prefill token
     included), i.e. decode steps + 1.
     """
-    lengths = check_prompts(self.cfg, prompts, max_new_tokens)
     if threshold is not None and self.adaptive is not None:
       raise ValueError("this engine uses the adaptive threshold; build one with a numeric "
                        "threshold to override it per call")
     thr = self.threshold if threshold is None else float(threshold)
     b = len(prompts)
-    t = bucket_length(max(lengths))
-    s = _round_up(t + max_new_tokens, 64)
-    tokens = np.full((b, t), self.pad_id, np.int32)
-    for i, p in enumerate(prompts):
-      tokens[i, :len(p)] = p
-    cache = init_cache(self.cfg, b, s)
+    lengths, tokens, lens, cache = prepare(self.cfg, prompts, max_new_tokens, self.pad_id)
     pstate = (free_init(self.cfg, b, self.spec, self.bmm_state) if self.policy == "free"
               else None)
-    lens = jnp.asarray(lengths, jnp.int32)
     t0 = time.perf_counter()
-    last, cache = self._prefill(self.params, cache, jnp.asarray(tokens), lens)
+    last, cache = self._prefill(self.params, cache, tokens, lens)
     last.block_until_ready()
     t1 = time.perf_counter()
+    if forced is not None:
+      forced = np.asarray(forced, np.int32)
+      if forced.shape != (b, max_new_tokens):
+        raise ValueError(f"forced must be an int table [batch, max_new_tokens] = "
+                         f"{[b, max_new_tokens]}, got shape {list(forced.shape)}")
+      forced = jnp.asarray(forced)
     res = self._generate(self.params, cache, last, lens, jax.random.key(seed),
-                         jnp.float32(thr), pstate, max_new=max_new_tokens,
+                         jnp.float32(thr), pstate, forced, max_new=max_new_tokens,
                          sampling=sampling, stop_at_eos=stop_at_eos)
     out, idx, confs, steps, cache, pos, pstate, stats = jax.block_until_ready(res)
     t2 = time.perf_counter()

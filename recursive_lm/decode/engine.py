@@ -1,10 +1,23 @@
-"""Decode engine: jitted prefill + ``lax.while_loop`` generation over a static cache.
+"""The decode engine: one jitted ``lax.while_loop`` over a typed state and a policy.
 
-Primitives (reused by the early-exit engines):
-* ``chunk_step``: run the model on a chunk of tokens per row at per-row
-  positions, writing KV at per-row slots (slot == position; padding writes
-  nothing), returning logits and the new cache.
-* a per-row length pointer ``pos`` [B]: the next position to write.
+::
+
+    DecodeState ──► policy.step(params, cache, state, ctx) ──► StepOut ──► emit
+    (tok, pos,        full depth / MoR routing, FREE, CALM,      (tokens [B, K],   (ragged write
+     done, n_out,     self-speculation: how deep each row goes,   n_emit [B],       at each row's
+     out, records,    which KV it writes, what it emits           records, cache,   offset, EOS and
+     rng, pstate)                                                 pstate, stats)    max_new cut)
+        ▲                                                                              │
+        └──────────────────────────── next DecodeState ◄──────────────────────────────┘
+
+``decode_loop`` is the only generation loop: each iteration the policy emits
+up to K tokens per row (``n_emit`` of them; self-speculation emits 1..d+1, the
+others 1), the engine writes them at each row's own offset, cuts at EOS and
+``max_new``, feeds the last emitted token back and advances the row's
+position by ``n_emit``. Per-token records (exit index, confidences, MoR depth)
+are written the same way. ``prefill_step`` / ``chunk_step`` are the prefill
+and cache-mode primitives every policy shares; ``prepare`` is the one host
+scaffolding (validate, pad, bucket, allocate the cache).
 
 Compiled code is reused across calls: prompt lengths are padded to buckets,
 and the cache length is ``bucket + max_new_tokens`` rounded up.
@@ -20,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +41,10 @@ import numpy as np
 
 from recursive_lm.config import ModelConfig
 from recursive_lm.decode.sampling import SamplingConfig, sample
-from recursive_lm.nn.model import Transformer, cache_length, decode_layout, init_cache
+from recursive_lm.nn.cache import cache_length, init_cache, normalize_cache
+from recursive_lm.nn.model import Transformer, decode_layout
+
+Array = jax.Array
 
 PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
@@ -106,6 +122,181 @@ def token_ids(cfg: ModelConfig, eos_id: int | None, pad_id: int | None):
   return eos, pad
 
 
+# ----------------------------------------------------------------------------
+# The one loop.
+# ----------------------------------------------------------------------------
+class StepOut(NamedTuple):
+  """What a policy step returns. Row b emits ``tokens[b, :n_emit[b]]``."""
+  tokens: Array            # [B, K] int32
+  n_emit: Array            # [B] int32, 0..K (0 for finished rows)
+  cache: Any
+  pstate: Any
+  rng: Array
+  records: dict = {}       # name -> [B, K, ...], one entry per emitted token
+  stats: dict = {}         # name -> int32 scalar, summed over steps
+
+
+class DecodeState(NamedTuple):
+  """The loop carry (besides the cache)."""
+  step: Array              # [] policy steps run
+  tok: Array               # [B] last emitted token (fed next)
+  pos: Array               # [B] its position (= its KV slot)
+  done: Array              # [B]
+  n_out: Array             # [B] tokens emitted (the prefill token included)
+  out: Array               # [B, max_new]
+  records: dict            # name -> [B, max_new, ...]
+  rng: Array
+  pstate: Any
+  stats: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """A per-token record buffer: fill value, trailing shape, dtype, the value
+  for the prefill token (None = fill) and a column offset (-1: the record
+  belongs to the token fed in this step, e.g. the depth it was processed at)."""
+  fill: Any
+  shape: tuple = ()
+  dtype: Any = jnp.int32
+  first: Any = None
+  offset: int = 0
+
+
+class StepCtx(NamedTuple):
+  """Per-call inputs of a policy step (traced unless noted)."""
+  max_new: int             # static
+  sampling: SamplingConfig  # static
+  threshold: Array         # [] base exit threshold (exit policies)
+  forced: Array | None     # forced decision table (benchmark) or None
+
+
+def _emit(st: DecodeState, so: StepOut, specs: dict, max_new: int, eos: int) -> DecodeState:
+  b, k = so.tokens.shape
+  rows = jnp.arange(b)[:, None]
+  j = jnp.arange(k, dtype=jnp.int32)[None]
+  valid = (j < so.n_emit[:, None]) & ~st.done[:, None]
+  is_eos = valid & (so.tokens == eos)
+  hit = jnp.any(is_eos, axis=1)
+  first_eos = jnp.argmax(is_eos, axis=1)
+  valid &= ~(hit[:, None] & (j > first_eos[:, None]))
+  valid &= (st.n_out[:, None] + j) < max_new
+  cols = jnp.where(valid, st.n_out[:, None] + j, max_new)
+  out = st.out.at[rows, cols].set(so.tokens, mode="drop")
+  records = dict(st.records)
+  for name, rec in so.records.items():
+    off = specs[name].offset
+    c = jnp.where(valid, cols + off, max_new) if off else cols
+    records[name] = records[name].at[rows, c].set(rec.astype(records[name].dtype),
+                                                  mode="drop")
+  live = ~st.done
+  n_out = st.n_out + jnp.sum(valid, axis=1, dtype=jnp.int32)
+  last = jnp.take_along_axis(so.tokens, jnp.maximum(so.n_emit - 1, 0)[:, None], axis=1)[:, 0]
+  fed = live & (so.n_emit > 0)
+  stats = {n: v + so.stats.get(n, 0) for n, v in st.stats.items()}
+  return DecodeState(st.step + 1, jnp.where(fed, last, st.tok),
+                     jnp.where(live, st.pos + so.n_emit, st.pos),
+                     st.done | hit | (n_out >= max_new), n_out, out, records, so.rng,
+                     so.pstate, stats)
+
+
+def decode_loop(policy, params, cache, first_logits, lengths, rng, ctx: StepCtx,
+                stop_at_eos: bool, eos_id: int | None, pad_id: int, pstate=None):
+  """Runs ``policy`` from the prefill logits to ``ctx.max_new`` tokens per row
+  (or EOS). Returns (final DecodeState, cache). Call under ``jax.jit``.
+
+  ``policy``: ``init(batch) -> pstate`` (used when ``pstate`` is None),
+  ``records() -> {name: Record}``, ``stat_names``, and ``step(params, cache,
+  state, ctx) -> StepOut``."""
+  b, max_new = lengths.shape[0], ctx.max_new
+  eos = -1 if (eos_id is None or not stop_at_eos) else eos_id
+  rng, k0 = jax.random.split(rng)
+  first = sample(first_logits, k0, ctx.sampling)
+  specs = policy.records()
+  records = {}
+  for name, r in specs.items():
+    buf = jnp.full((b, max_new) + tuple(r.shape), r.fill, r.dtype)
+    if r.first is not None:
+      buf = buf.at[:, 0].set(r.first)
+    records[name] = buf
+  st = DecodeState(
+      step=jnp.zeros((), jnp.int32), tok=first, pos=lengths.astype(jnp.int32),
+      done=(first == eos) | (max_new <= 1), n_out=jnp.ones((b,), jnp.int32),
+      out=jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(first),
+      records=records, rng=rng, pstate=policy.init(b) if pstate is None else pstate,
+      stats={n: jnp.zeros((), jnp.int32) for n in policy.stat_names})
+
+  def cond(carry):
+    st, _ = carry
+    return (st.step < max_new) & ~jnp.all(st.done)
+
+  def body(carry):
+    st, cache = carry
+    so = policy.step(params, cache, st, ctx)
+    return _emit(st, so, specs, max_new, eos), normalize_cache(so.cache)
+
+  return jax.lax.while_loop(cond, body, (st, normalize_cache(cache)))
+
+
+def prepare(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+            pad_id: int, extra_slots: int = 0):
+  """Host scaffolding of every engine: validate, right-pad to a bucket,
+  allocate the cache. Returns (lengths list, tokens [B, T] jnp, lengths jnp,
+  cache)."""
+  lengths = check_prompts(cfg, prompts, max_new_tokens)
+  t = bucket_length(max(lengths))
+  s = _round_up(t + max_new_tokens + extra_slots, 64)
+  tokens = np.full((len(prompts), t), pad_id, np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, :len(p)] = p
+  return (lengths, jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32),
+          init_cache(cfg, len(prompts), s))
+
+
+def trim_rows(out: np.ndarray, n_out: np.ndarray, stop_at_eos: bool,
+              eos_id: int | None) -> list[list[int]]:
+  """Each row's emitted tokens (up to and incl. EOS)."""
+  rows = []
+  for r, n in zip(out, n_out):
+    r = r[:int(n)].tolist()
+    if stop_at_eos and eos_id is not None and eos_id in r:
+      r = r[:r.index(eos_id) + 1]
+    rows.append(r)
+  return rows
+
+
+class FullDepth:
+  """Policy: every token through the whole model (``Transformer`` in cache
+  mode); with ``mor_depth`` the MoR threshold routing and a per-token record
+  of the recursions the fed token went through."""
+  max_emit = 1
+  stat_names = ()
+
+  def __init__(self, model: Transformer, pad_id: int, mor_depth: bool = False):
+    self.model, self.pad_id, self.mor = model, pad_id, mor_depth
+
+  def init(self, batch):
+    del batch
+    return ()
+
+  def records(self):
+    return {"depth": Record(0, offset=-1)} if self.mor else {}
+
+  def step(self, params, cache, st: DecodeState, ctx: StepCtx) -> StepOut:
+    slots = jnp.where(st.done, cache_length(cache), st.pos)[:, None]
+    kw = {"routing": "threshold"} if self.mor else {}
+    o = self.model.apply({"params": params}, st.tok[:, None], positions=st.pos[:, None],
+                         cache=cache, write_slots=slots, **kw)
+    rng, sub = jax.random.split(st.rng)
+    new = jnp.where(st.done, self.pad_id, sample(o["logits"][:, 0], sub, ctx.sampling))
+    recs = {}
+    if self.mor:
+      from recursive_lm.mor.decode import token_depths  # pylint: disable=g-import-not-at-top
+      recs["depth"] = token_depths(o["router"])
+    return StepOut(new[:, None], (~st.done).astype(jnp.int32), o["cache"], st.pstate, rng,
+                   recs)
+
+
+
 class Engine:
   """Batched generation for one model and parameter set."""
 
@@ -117,68 +308,42 @@ class Engine:
     self.params = params
     self.model = Transformer(cfg)
     self.eos_id, self.pad_id = token_ids(cfg, eos_id, pad_id)
+    self.policy = self._make_policy()
     self._prefill = jax.jit(self._prefill_impl)
     self._generate = jax.jit(self._generate_impl,
                              static_argnames=("max_new", "sampling", "stop_at_eos"))
 
+  def _make_policy(self):
+    return FullDepth(self.model, self.pad_id)
+
   # -- jitted pieces -----------------------------------------------------------
   def _prefill_impl(self, params, cache, tokens, lengths):
-    return prefill_step(self.model, params, cache, tokens, lengths)
+    last, cache = prefill_step(self.model, params, cache, tokens, lengths)
+    return last, normalize_cache(cache)
 
   def _generate_impl(self, params, cache, last_logits, lengths, rng, max_new,
                      sampling, stop_at_eos):
-    b = lengths.shape[0]
-    eos = -1 if self.eos_id is None else self.eos_id
-
-    def cond(st):
-      step, _, _, _, done, _, _ = st
-      return (step < max_new) & ~jnp.all(done)
-
-    def body(st):
-      step, cache, logits, pos, done, out, rng = st
-      rng, sub = jax.random.split(rng)
-      tok = sample(logits, sub, sampling)
-      tok = jnp.where(done, self.pad_id, tok)
-      out = out.at[:, step].set(tok)
-      if stop_at_eos:
-        done = done | (tok == eos)
-      new_logits, cache = chunk_step(self.model, params, cache, tok[:, None],
-                                     pos[:, None], pos[:, None])
-      return step + 1, cache, new_logits[:, 0], pos + 1, done, out, rng
-
-    out = jnp.full((b, max_new), self.pad_id, jnp.int32)
-    st = (jnp.zeros((), jnp.int32), cache, last_logits, lengths.astype(jnp.int32),
-          jnp.zeros((b,), bool), out, rng)
-    step, cache, _, _, done, out, _ = jax.lax.while_loop(cond, body, st)
-    return out, step
+    ctx = StepCtx(max_new, sampling, jnp.float32(0), None)
+    st, _ = decode_loop(self.policy, params, cache, last_logits, lengths, rng, ctx,
+                        stop_at_eos, self.eos_id, self.pad_id)
+    return st.out, st.n_out, st.step + 1, st.records
 
   # -- public API --------------------------------------------------------------
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
                sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
                stop_at_eos: bool = True) -> GenerateOutput:
-    lengths = check_prompts(self.cfg, prompts, max_new_tokens)
-    t = bucket_length(max(lengths))
-    s = _round_up(t + max_new_tokens, 64)
-    tokens = np.full((len(prompts), t), self.pad_id, np.int32)
-    for i, p in enumerate(prompts):
-      tokens[i, :len(p)] = p
-    cache = init_cache(self.cfg, len(prompts), s)
+    lengths, tokens, lens, cache = prepare(self.cfg, prompts, max_new_tokens, self.pad_id)
     t0 = time.perf_counter()
-    last, cache = self._prefill(self.params, cache, jnp.asarray(tokens),
-                                jnp.asarray(lengths, jnp.int32))
+    last, cache = self._prefill(self.params, cache, tokens, lens)
     last.block_until_ready()
     t1 = time.perf_counter()
-    out, steps = self._generate(self.params, cache, last, jnp.asarray(lengths, jnp.int32),
-                                jax.random.key(seed), max_new=max_new_tokens,
-                                sampling=sampling, stop_at_eos=stop_at_eos)
-    out = np.asarray(out)
+    out, n_out, steps, recs = self._generate(self.params, cache, last, lens,
+                                             jax.random.key(seed), max_new=max_new_tokens,
+                                             sampling=sampling, stop_at_eos=stop_at_eos)
+    out, n_out = np.asarray(out), np.asarray(n_out)
     t2 = time.perf_counter()
-    rows = []
-    for r in out:
-      r = r.tolist()
-      if stop_at_eos and self.eos_id is not None and self.eos_id in r:
-        r = r[:r.index(self.eos_id) + 1]
-      rows.append(r)
+    rows = trim_rows(out, n_out, stop_at_eos, self.eos_id)
+    self._last_records = {k: np.asarray(v) for k, v in recs.items()}
     return GenerateOutput(rows, lengths, t1 - t0, t2 - t1, int(steps))
 
   # -- scoring -----------------------------------------------------------------

@@ -49,13 +49,15 @@ threshold only the current row goes through the head.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from recursive_lm.config import ModelConfig
-from recursive_lm.decode import depth as D
+from recursive_lm.nn import unrolled as D
+from recursive_lm.decode.exit_rule import ExitRule
+from recursive_lm.decode.sampling import argmax
 from recursive_lm.nn.model import cache_length
 from recursive_lm.early_exit.thresholds import (BetaMixtureConfig, BetaMixtureState,
                                                 beta_mixture_init, beta_mixture_update)
@@ -113,12 +115,13 @@ def _insert(buf: Array, plen: Array, x: Array) -> Array:
 
 def deep_pass(cfg: ModelConfig, params, spec: FreeSpec, cache, st: FreeState,
               h_cur: Array, conf_cur: Array, arg_cur: Array, pos: Array, active: Array,
-              width: int | None = None):
+              width: int | None = None, want_logits: bool = True):
   """Layers [e, L) on [pending; current] per row as one causal chunk of
   ``width`` (static, default k_max + 1) queries; every active row needs
   ``pending_len < width``.
 
-  Returns (deep logits of the current token [B, V], cache, bmm state).
+  Returns (deep state of the current token [B, D], its deep logits [B, V] or
+  None when not ``want_logits``, cache, bmm state).
   """
   b = st.pending_len.shape[0]
   width = width or spec.k_max + 1
@@ -133,24 +136,33 @@ def deep_pass(cfg: ModelConfig, params, spec: FreeSpec, cache, st: FreeState,
                           chunk, qpos, cache, slots)
   rows = jnp.arange(b)
   bmm = st.bmm
+  h_cur_deep = h[:, 0] if width == 1 else h[rows, plen]
   if spec.adaptive is None:
-    return D.head(cfg, params, h[rows, plen]), cache, bmm
+    return (h_cur_deep, D.head(cfg, params, h_cur_deep) if want_logits else None,
+            cache, bmm)
   logits = D.head(cfg, params, h)                              # [B, W, V]
-  deep_arg = jnp.argmax(logits, axis=-1)
+  deep_arg = argmax(logits)
   s_arg = _insert(st.pending_arg, plen, arg_cur)[:, :width]
   s_conf = _insert(st.pending_conf, plen, conf_cur)[:, :width]
   pairs = valid & (plen >= 1)[:, None]
   bmm, _ = beta_mixture_update(bmm, s_conf, s_arg == deep_arg, pairs, spec.adaptive)
-  return logits[rows, plen], cache, bmm
+  return h_cur_deep, logits[rows, plen], cache, bmm
 
 
-def free_step(cfg: ModelConfig, params, spec: FreeSpec, conf_fn: Callable[[Array, Array], Array],
-              cache, tok: Array, pos: Array, active: Array, thr: Array, st: FreeState):
+def free_step(cfg: ModelConfig, params, spec: FreeSpec, rule: ExitRule, cache,
+              tok: Array, pos: Array, active: Array, thr: Array, st: FreeState,
+              forced: Array | None = None):
   """One FREE decode step (module docstring).
 
-  tok, pos, active, thr: [B]. Returns (logits to sample from [B, V], exit index
-  [B] (0 shallow, 1 deep), exit confidences [B, 2] (deep column NaN), cache,
-  new FreeState, stats dict of int32 scalars).
+  rule: the bound ``ExitRule`` (its measure and, for the adaptive threshold,
+  ``spec.adaptive``). tok, pos, active, thr: [B]; forced: [B] exit index
+  table column (``ExitRule.decide``) or None. Returns (logits to sample from
+  [B, V], exit index [B] (0 shallow, 1 deep), exit confidences [B, 2] (deep
+  column NaN), cache, new FreeState, stats dict of int32 scalars).
+
+  The full LM head runs once per emitted token with a head-free measure (on
+  the state the row emits from); a softmax measure reads it at the shallow
+  exit and, inside the deep branch only, at the full depth.
   """
   b, k = tok.shape[0], spec.k_max
   s = cache_length(cache)
@@ -158,12 +170,13 @@ def free_step(cfg: ModelConfig, params, spec: FreeSpec, conf_fn: Callable[[Array
   h = D.embed(cfg, params, tok[:, None])
   h, cache = D.run_layers(cfg, params, 0, spec.exit_layer, h, pos[:, None], cache, slots)
   h_e = h[:, 0]
-  logits_s = D.head(cfg, params, h_e)
-  conf = conf_fn(h_e, logits_s).astype(jnp.float32)
-  arg = jnp.argmax(logits_s, axis=-1).astype(jnp.int32)
+  shallow_head = rule.needs_logits
+  logits_s = D.head(cfg, params, h_e) if shallow_head else None
+  conf = rule.confidence(h_e, logits_s)
+  arg = argmax(logits_s) if spec.adaptive is not None else jnp.zeros((b,), jnp.int32)
   if spec.adaptive is not None:
     thr = jnp.broadcast_to(st.bmm.threshold, conf.shape)
-  exits = conf >= thr
+  exits = rule.decide(0, conf, thr, forced)
   plen = st.pending_len
   full = plen >= k
   if spec.sync == "any":
@@ -174,26 +187,32 @@ def free_step(cfg: ModelConfig, params, spec: FreeSpec, conf_fn: Callable[[Array
 
   def go_deep(width):
     def run(cache, bmm):
-      return deep_pass(cfg, params, spec, cache, st._replace(bmm=bmm), h_e, conf, arg,
-                       pos, active, width)
+      h_d, lg, cache, bmm = deep_pass(cfg, params, spec, cache, st._replace(bmm=bmm), h_e,
+                                      conf, arg, pos, active, width,
+                                      want_logits=shallow_head)
+      return (h_d, lg) if shallow_head else h_d, cache, bmm
     return run
 
   def stay(cache, bmm):
-    return jnp.zeros_like(logits_s), cache, bmm
+    z = jnp.zeros_like(h_e)
+    return ((z, jnp.zeros_like(logits_s)) if shallow_head else z), cache, bmm
 
   widths = spec.widths
   if len(widths) == 1:
-    deep_logits, cache, bmm = jax.lax.cond(need, go_deep(widths[0]), stay, cache, st.bmm)
+    deep, cache, bmm = jax.lax.cond(need, go_deep(widths[0]), stay, cache, st.bmm)
     width = jnp.where(need, widths[0], 0)
   else:
     longest = jnp.max(jnp.where(active, plen + 1, 1))
     bucket = jnp.searchsorted(jnp.asarray(widths, jnp.int32), longest)
     branch = jnp.where(need, 1 + bucket, 0)
-    deep_logits, cache, bmm = jax.lax.switch(
+    deep, cache, bmm = jax.lax.switch(
         branch, [stay] + [go_deep(w) for w in widths], cache, st.bmm)
     width = jnp.asarray((0,) + widths, jnp.int32)[branch]
   emit_deep = want_deep & need
-  logits = jnp.where(emit_deep[:, None], deep_logits, logits_s)
+  if shallow_head:
+    logits = jnp.where(emit_deep[:, None], deep[1], logits_s)
+  else:  # head-free measure: the one head, on the state each row emits from
+    logits = D.head(cfg, params, jnp.where(emit_deep[:, None], deep, h_e))
 
   rows = jnp.arange(b)
   push = active & ~need

@@ -44,12 +44,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from recursive_lm.config import ModelConfig
-from recursive_lm.decode import depth as D
-from recursive_lm.decode.engine import (GenerateOutput, _round_up, bucket_length,
-                                        check_prompts, prefill_step,
-                                        token_ids)
-from recursive_lm.decode.sampling import SamplingConfig, sample
-from recursive_lm.nn.model import Transformer, cache_length, decode_layout, init_cache
+from recursive_lm.nn import unrolled as D
+from recursive_lm.decode.engine import (DecodeState, GenerateOutput, StepCtx, StepOut,
+                                        decode_loop, prefill_step, prepare, token_ids)
+from recursive_lm.decode.sampling import SamplingConfig, argmax, sample
+from recursive_lm.nn.cache import cache_length
+from recursive_lm.nn.model import Transformer, decode_layout
 
 Array = jax.Array
 
@@ -200,13 +200,14 @@ class SelfSpeculativeEngine:
                                 cache, jnp.where(done[:, None], s, cpos))
     return normalize_cache(cache), D.head(cfg, params, chunk)      # [B, d+1, V]
 
-  def _accept(self, drafts, q_logits, p_logits, key, sampling):
-    """Returns (accepted count a [B], next token after the accepted prefix [B])."""
+  def _accept(self, drafts, q_logits, p_logits, key, sampling, forced=None):
+    """Returns (accepted count a [B], next token after the accepted prefix [B]).
+    ``forced`` [B, d] bool replaces the greedy acceptance test (benchmark)."""
     d = self.draft_len
     b = drafts.shape[0]
-    if sampling.greedy:
-      target = jnp.argmax(p_logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
-      ok = drafts == target[:, :d]
+    if sampling.greedy or forced is not None:
+      target = argmax(p_logits.astype(jnp.float32))
+      ok = drafts == target[:, :d] if forced is None else forced
       a = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
       return a, jnp.take_along_axis(target, a[:, None], axis=1)[:, 0]
     k_acc, k_res = jax.random.split(key)
@@ -227,80 +228,75 @@ class SelfSpeculativeEngine:
     tok = jax.random.categorical(k_res, jnp.log(res), axis=-1).astype(jnp.int32)
     return a, tok
 
-  def _generate_impl(self, params, cache, last_logits, lengths, rng, max_new,
+  # -- the policy (decode_loop) -----------------------------------------------
+  max_emit = property(lambda self: self.draft_len + 1)
+  stat_names = ("drafted", "accepted", "row_rounds")
+
+  def init(self, batch):
+    del batch
+    return ()
+
+  def records(self):
+    return {}
+
+  def step(self, params, cache, st: DecodeState, ctx: StepCtx) -> StepOut:
+    """One round: draft d tokens, verify them in one deep pass, accept a
+    prefix; emits the accepted drafts + the verifier's token (a + 1)."""
+    d, sampling = self.draft_len, ctx.sampling
+    rng, k_draft, k_acc = jax.random.split(st.rng, 3)
+    done, pos = st.done, st.pos
+    cache, q_states, drafts, q_logits = self._draft(
+        params, cache, st.tok, pos, done, jax.random.split(k_draft, d), sampling)
+    cache, p_logits = self._verify(params, cache, pos, done, q_states, drafts[:, -1])
+    f = (None if ctx.forced is None else jax.lax.dynamic_index_in_dim(
+        ctx.forced, jnp.minimum(st.step, ctx.forced.shape[1] - 1), 1, False))
+    a, nxt = self._accept(drafts, q_logits, p_logits, k_acc, sampling, f)
+    j = jnp.arange(d + 1, dtype=jnp.int32)[None]
+    padded = jnp.concatenate([drafts, drafts[:, :1]], axis=1)
+    emit = jnp.where(j < a[:, None], padded, nxt[:, None])
+    live = ~done
+    stats = {"drafted": d * jnp.sum(live, dtype=jnp.int32),
+             "accepted": jnp.sum(jnp.where(live, a, 0), dtype=jnp.int32),
+             "row_rounds": jnp.sum(live, dtype=jnp.int32)}
+    return StepOut(emit, jnp.where(live, a + 1, 0).astype(jnp.int32), cache, (), rng,
+                   {}, stats)
+
+  def _generate_impl(self, params, cache, last_logits, lengths, rng, forced, max_new,
                      sampling, stop_at_eos):
-    b = lengths.shape[0]
-    d = self.draft_len
-    eos = -1 if (self.eos_id is None or not stop_at_eos) else self.eos_id
-    rng, k0 = jax.random.split(rng)
-    first = sample(last_logits, k0, sampling)
-    out = jnp.full((b, max_new), self.pad_id, jnp.int32).at[:, 0].set(first)
-    done = (first == eos) | (max_new <= 1)
-    zero = jnp.zeros((), jnp.int32)
-    stats = (zero, zero, zero)  # drafted, accepted, row_rounds
-
-    def cond(st):
-      rnd, _, _, _, _, done, _, _, _ = st
-      return (rnd < max_new) & ~jnp.all(done)
-
-    def body(st):
-      rnd, cache, u, pos, n_out, done, out, rng, stats = st
-      rng, k_draft, k_acc = jax.random.split(rng, 3)
-      cache, q_states, drafts, q_logits = self._draft(
-          params, cache, u, pos, done, jax.random.split(k_draft, d), sampling)
-      cache, p_logits = self._verify(params, cache, pos, done, q_states, drafts[:, -1])
-      a, nxt = self._accept(drafts, q_logits, p_logits, k_acc, sampling)
-      # Emitted this round: drafts[:a] then nxt, cut at EOS and max_new.
-      j = jnp.arange(d + 1, dtype=jnp.int32)[None]
-      padded = jnp.concatenate([drafts, drafts[:, :1]], axis=1)
-      emit = jnp.where(j < a[:, None], padded, nxt[:, None])
-      valid = (j <= a[:, None]) & ~done[:, None]
-      is_eos = valid & (emit == eos)
-      hit = jnp.any(is_eos, axis=1)
-      first_eos = jnp.argmax(is_eos, axis=1)
-      valid &= ~(hit[:, None] & (j > first_eos[:, None]))
-      valid &= (n_out[:, None] + j) < max_new
-      cols = jnp.where(valid, n_out[:, None] + j, max_new)
-      out = out.at[jnp.arange(b)[:, None], cols].set(emit, mode="drop")
-      live = ~done
-      n_out = n_out + jnp.sum(valid, axis=1, dtype=jnp.int32)
-      stats = (stats[0] + d * jnp.sum(live, dtype=jnp.int32),
-               stats[1] + jnp.sum(jnp.where(live, a, 0), dtype=jnp.int32),
-               stats[2] + jnp.sum(live, dtype=jnp.int32))
-      pos = jnp.where(live, pos + a + 1, pos)      # crop: pointer reset
-      u = jnp.where(live, nxt, u)
-      done = done | hit | (n_out >= max_new)
-      return rnd + 1, cache, u, pos, n_out, done, out, rng, stats
-
-    st = (zero, normalize_cache(cache), first, lengths.astype(jnp.int32),
-          jnp.ones((b,), jnp.int32), done, out, rng, stats)
-    rnd, _, _, _, n_out, _, out, _, stats = jax.lax.while_loop(cond, body, st)
-    return out, n_out, rnd, stats
+    ctx = StepCtx(max_new, sampling, jnp.float32(0), forced)
+    st, _ = decode_loop(self, params, cache, last_logits, lengths, rng, ctx, stop_at_eos,
+                        self.eos_id, self.pad_id)
+    return st.out, st.n_out, st.step, tuple(st.stats[n] for n in self.stat_names)
 
   # -- public API --------------------------------------------------------------
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
                sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
-               stop_at_eos: bool = True) -> SpeculativeOutput:
+               stop_at_eos: bool = True, forced=None) -> SpeculativeOutput:
     """Generates up to ``max_new_tokens`` per prompt (stopping at EOS per row).
 
     Greedy ``sampling`` reproduces ``Engine`` greedy decoding exactly (up to
     float ties); sampling draws from the full model's processed distribution.
+    ``forced``: bool [B, max_new_tokens, draft_len], acceptance of draft token
+    j at round r replayed from a table instead of tested (the forced-exit
+    benchmark; the output is then the accepted drafts + the verifier's token).
     """
-    lengths = check_prompts(self.cfg, prompts, max_new_tokens)
-    t = bucket_length(max(lengths))
     # Drafts write up to d slots past the last kept token.
-    s = _round_up(t + max_new_tokens + self.draft_len + 1, 64)
-    tokens = np.full((len(prompts), t), self.pad_id, np.int32)
-    for i, p in enumerate(prompts):
-      tokens[i, :len(p)] = p
-    lens = jnp.asarray(lengths, jnp.int32)
-    cache = init_cache(self.cfg, len(prompts), s)
+    lengths, tokens, lens, cache = prepare(self.cfg, prompts, max_new_tokens, self.pad_id,
+                                           extra_slots=self.draft_len + 1)
     t0 = time.perf_counter()
-    last, cache = self._prefill(self.params, cache, jnp.asarray(tokens), lens)
+    last, cache = self._prefill(self.params, cache, tokens, lens)
     last.block_until_ready()
     t1 = time.perf_counter()
+    if forced is not None:
+      forced = np.asarray(forced, bool)
+      want = (len(prompts), max_new_tokens, self.draft_len)
+      if forced.shape != want:
+        raise ValueError(f"forced must be a bool table [batch, max_new_tokens, draft_len]"
+                         f" = {list(want)}, got shape {list(forced.shape)}")
+      forced = jnp.asarray(forced)
     out, n_out, rounds, stats = self._generate(
-        self.params, cache, last, lens, jax.random.key(seed), max_new=max_new_tokens,
+        self.params, cache, last, lens, jax.random.key(seed), forced,
+        max_new=max_new_tokens,
         sampling=sampling, stop_at_eos=stop_at_eos)
     out, n_out = np.asarray(out), np.asarray(n_out)
     t2 = time.perf_counter()

@@ -81,13 +81,15 @@ class BetaMixtureConfig:
     method: "grid" (FREE's rule) or "bisect" (exact crossing: a dense
       ``bracket_size`` scan brackets the first crossing, then
       ``bisect_iters`` bisection steps).
-    prior: "mixture" = π-weighted posterior with π_k = n_k / n (the paper's
-      mixture model); "equal" = π ignored, as in the authors' code (§4.1-iii).
+    prior: "equal" (default) = FREE's posterior rule P(c*|x) = f_1 / (f_0 + f_1),
+      π ignored, as in the authors' code (spec §2.1.5); "mixture" = the
+      π-weighted posterior with π_k = n_k / n (the paper's mixture model).
     init_threshold: λ until both classes have ``min_count`` samples (FREE:
       ``shallow2deep_conf_threshold`` = 0.9).
     min_count: minimum (weighted) count per class before its Beta is fitted
       and before λ moves; guards against fits on a handful of tokens.
     max_refits: λ is frozen after this many refits (FREE: 300); None = never.
+      Only updates that add calibration pairs count as refits.
     eps: confidences are clipped into [eps, 1 − eps] (FREE: 1e-4).
     init_alpha, init_beta, init_weights: the prior fit (FREE: α=(1,2),
       β=(2,1), π=(.5,.5)), used until a class has enough samples.
@@ -99,7 +101,7 @@ class BetaMixtureConfig:
   grid_hi: float = 0.9
   grid_size: int = 10
   method: str = "grid"
-  prior: str = "mixture"
+  prior: str = "equal"
   init_threshold: float = 0.9
   min_count: float = 20.0
   max_refits: int | None = 300
@@ -238,13 +240,16 @@ def beta_mixture_update(
   Returns:
     (new_state, threshold). The statistics always accumulate. Component k is
     refitted only once its count reaches ``min_count``; π and λ move only when
-    both components are fitted, and λ freezes after ``max_refits`` refits.
+    both components are fitted and this update added at least one valid pair
+    (an update with no pairs is not a refit and does not count), and λ
+    freezes after ``max_refits`` refits.
 
   Follows the paper where the authors' code differs (§4.1-iii): labels are
-  hard (the code's λ_r soft mixing is dead code), π is re-estimated from the
-  class counts and used in the posterior (``prior="mixture"``, the default);
-  ``prior="equal"`` reproduces the code. The consistent component is the one
-  labelled consistent, not "the one with the larger mean".
+  hard (the code's λ_r soft mixing is dead code) and π is re-estimated from
+  the class counts; the posterior ignores π as FREE's rule does
+  (``prior="equal"``, the default), ``prior="mixture"`` weights it by π.
+  The consistent component is the one labelled consistent, not "the one with
+  the larger mean".
   """
   c = jnp.clip(jnp.asarray(confidences, jnp.float32).reshape(-1),
                config.eps, 1.0 - config.eps)
@@ -268,7 +273,7 @@ def beta_mixture_update(
   a_fit, b_fit = _moments_to_beta(mean, m2 / jnp.maximum(n, 1e-12))
   alpha = jnp.where(fit_ok, a_fit, state.alpha)
   beta = jnp.where(fit_ok, b_fit, state.beta)
-  refit = jnp.all(fit_ok)
+  refit = jnp.all(fit_ok) & (jnp.sum(n_b) > 0)  # only updates that added pairs
   if config.max_refits is not None:
     refit &= state.num_refits < config.max_refits
   pi = jnp.clip(n / jnp.maximum(jnp.sum(n), 1e-12), 1e-6, 1.0)

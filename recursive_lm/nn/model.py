@@ -25,6 +25,7 @@ import numpy as np
 from recursive_lm.config import ConfigError, ModelConfig
 from recursive_lm.kernels.panel import to_panels
 from recursive_lm.nn import layers as L
+from recursive_lm.nn.cache import cache_length, init_cache  # noqa: F401  (re-exported)
 
 Array = jax.Array
 
@@ -215,29 +216,6 @@ class Transformer(nn.Module):
     if return_hidden:
       out["hidden"] = h
     return out
-
-
-def cache_length(cache: dict) -> int:
-  """Slots S of a cache from ``init_cache`` (block keys are [N, B, Hkv, S, Dh])."""
-  return cache["block"][0][0].shape[3]
-
-
-def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
-  """Zero KV cache for ``batch`` rows of ``length`` slots (slot == position).
-
-  Per layer a (keys, values) pair of [B, Hkv, S, Dh] (prelude, coda) or
-  [N, B, Hkv, S, Dh] (the shared block, one slice per loop)."""
-  dtype = jnp.dtype(dtype or cfg.dtype)
-  shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
-  z = lambda *lead: jnp.zeros(lead + shape, dtype)
-  cache = {
-      "prelude": [(z(), z()) for _ in range(cfg.plan.prelude)],
-      "block": [(z(cfg.plan.loops), z(cfg.plan.loops)) for _ in range(cfg.plan.block)],
-      "coda": [(z(), z()) for _ in range(cfg.plan.coda)],
-  }
-  if cfg.router is not None:  # MoR: which slots hold a key at each recursion
-    cache["block_valid"] = jnp.zeros((cfg.plan.loops, batch, length), bool)
-  return cache
 
 
 def init_params(cfg: ModelConfig, seed: int = 0, seq_len: int = 8):

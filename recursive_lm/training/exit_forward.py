@@ -7,7 +7,7 @@ states after each layer count in ``collect`` plus the final logits:
   and no layer dropout is asked for, ``Transformer(..., collect_loop_states=
   True)`` gives the per-loop states for free;
 * unrolled path (any layer, any model): the same layers applied one by one
-  (``decode.depth``'s pieces, identical math), with an optional per-sample
+  (``nn.unrolled``'s pieces, identical math), with an optional per-sample
   keep mask ``keep`` [L, B] (LayerSkip: h_{l+1} = h_l + m_{l,b} f_l(h_l),
   kept outputs not rescaled). Mask-only: dropped rows still cost compute.
 """
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recursive_lm.config import ModelConfig
-from recursive_lm.decode import depth as D
+from recursive_lm.nn import unrolled as D
 from recursive_lm.nn import layers as L
 from recursive_lm.nn.model import Transformer
 
