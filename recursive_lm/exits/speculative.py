@@ -1,0 +1,307 @@
+"""Self-speculation (lossless) and FREE-style exiting through trained exit modules.
+
+``ExitSpeculativeEngine`` drafts with the frozen model's first ``E`` layers,
+an exit module (``exits.modules``) and the vocabulary-shortlist head, and
+checks with the full model in one chunked pass that reuses the draft's work
+(the layer-E states of the drafted positions), as in
+``decode.speculative`` but with
+
+* an adaptive draft length: a row keeps drafting while the draft's confidence
+  (shortlist max probability, or the head-free meta classifier) is >= ``tau``,
+  up to ``max_draft`` tokens; the batch stops drafting when no row continues;
+* two acceptance modes:
+  - ``"verify"`` (lossless): accept the longest prefix the full model agrees
+    with, then the full model's correction / bonus token. Greedy output is
+    identical to plain greedy decoding.
+  - ``"trust"`` (FREE): accept the confident drafts unchecked; the first
+    unconfident position gets the full model's token from the deep pass over
+    the stacked layer-E states (FREE's synchronised parallel decoding, exact
+    deep KV). Lossy; ``agree`` counts emitted drafts equal to the full model's
+    choice at that position (read from the same deep pass).
+
+Every row keeps its own position pointer; rejected drafts leave stale KV
+beyond it that the causal mask hides and later rounds overwrite. All rounds
+run in one jitted ``lax.while_loop`` with static shapes.
+
+Example::
+
+    m = recursive_lm.api.load()
+    es = recursive_lm.exits.artifact.load_exits(default_artifact_path(), m.cfg, m.params)
+    eng = ExitSpeculativeEngine(m.cfg, m.params, es, exit_layer=8, max_draft=4, tau=0.5)
+    out = eng.generate([ids], max_new_tokens=64)
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from recursive_lm.config import ModelConfig
+from recursive_lm.decode import depth as D
+from recursive_lm.decode.engine import (GenerateOutput, bucket_length, check_prompts,
+                                        prefill_step, token_ids)
+from recursive_lm.exits import modules as M
+from recursive_lm.exits.artifact import ExitSet
+from recursive_lm.exits.train import meta_logit
+from recursive_lm.kernels.panel import panel_matmul, to_panels
+from recursive_lm.nn.model import Transformer, cache_length, decode_layout, init_cache
+
+Array = jax.Array
+MODES = ("verify", "trust")
+CONFIDENCES = ("maxprob", "meta")
+
+
+@dataclasses.dataclass
+class ExitDecodeOutput(GenerateOutput):
+  drafted: int = 0       # draft tokens proposed by live rows
+  accepted: int = 0      # of those, emitted
+  agree: int = 0         # trust mode: emitted drafts equal to the full model's choice
+  row_rounds: int = 0
+  max_draft: int = 0
+  exit_layer: int = 0
+  mode: str = "verify"
+
+  @property
+  def acceptance_rate(self) -> float:
+    return self.accepted / max(self.drafted, 1)
+
+  @property
+  def tokens_per_round(self) -> float:
+    return (self.new_tokens - len(self.tokens)) / max(self.row_rounds, 1)
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def _norm_cache(cache):
+  return {g: ([tuple(c) for c in v] if isinstance(v, (list, tuple)) else v)
+          for g, v in cache.items()}
+
+
+class ExitSpeculativeEngine:
+  """Drafts with layers [0, E) + exit module + shortlist head; see module docstring.
+
+  Args:
+    cfg, params: the frozen base model (e.g. ``api.load()``), original layout.
+    exits: an ``ExitSet`` (``exits.artifact.load_exits``) made for this model.
+    exit_layer: E, one of ``exits.exits``.
+    max_draft: the most tokens drafted per round (>= 1).
+    tau: draft while confidence >= tau (0 -> always ``max_draft``).
+    mode: "verify" (lossless) or "trust" (FREE).
+    confidence: "maxprob" (shortlist softmax max) or "meta" (head-free classifier).
+    shortlist_size: use the first n shortlist ids (None: all).
+    kernel_layout, fuse: as for ``decode.engine.Engine`` (default: the panel
+      layout with fused projections, the fastest measured decode layout).
+  """
+
+  def __init__(self, cfg: ModelConfig, params, exits: ExitSet, exit_layer: int,
+               max_draft: int = 4, tau: float = 0.0, mode: str = "verify",
+               confidence: str = "maxprob", shortlist_size: int | None = None,
+               eos_id: int | None = None, pad_id: int | None = None,
+               kernel_layout: str | None = "panel", fuse: bool = True,
+               check_model: bool = True):
+    if mode not in MODES:
+      raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if confidence not in CONFIDENCES:
+      raise ValueError(f"confidence must be one of {CONFIDENCES}, got {confidence!r}")
+    if exit_layer not in exits.exits:
+      raise ValueError(f"the exit artifact has no module at layer {exit_layer}; it has "
+                       f"{sorted(exits.exits)}")
+    if confidence == "meta" and exit_layer not in exits.meta:
+      raise ValueError(f"the exit artifact has no meta classifier at layer {exit_layer}; "
+                       f"use confidence='maxprob' (meta at {sorted(exits.meta)})")
+    if not 1 <= exit_layer < cfg.plan.effective_depth:
+      raise ValueError(f"exit_layer must lie in [1, {cfg.plan.effective_depth})")
+    if max_draft < 1:
+      raise ValueError(f"max_draft must be >= 1, got {max_draft}")
+    if check_model:
+      exits.check_model(cfg, params)
+    self.exit_layer, self.max_draft, self.tau = int(exit_layer), int(max_draft), float(tau)
+    self.mode, self.confidence = mode, confidence
+    ids = np.asarray(exits.shortlist[:shortlist_size] if shortlist_size else exits.shortlist)
+    ws = jnp.asarray(exits.shortlist_weights(params, len(ids)), jnp.float32)   # [N, D]
+    self.n_short = len(ids)
+    self.shortlist = jnp.asarray(ids, jnp.int32)
+    self.module = {k: jnp.asarray(v, jnp.float32) for k, v in exits.exits[exit_layer].items()}
+    self.meta = ({k: jnp.asarray(v, jnp.float32) for k, v in exits.meta[exit_layer].items()}
+                 if confidence == "meta" else None)
+    self.norm_scale = jnp.asarray(params["final_norm"]["scale"], jnp.float32)
+    cfg, params = decode_layout(cfg, params, kernel_layout, fuse)
+    self.cfg, self.params = cfg, params
+    self.panel = cfg.kernel_layout == "panel"
+    self.ws = to_panels(ws.T) if self.panel else ws
+    self.model = Transformer(cfg)
+    self.eos_id, self.pad_id = token_ids(cfg, eos_id, pad_id)
+    self._prefill = jax.jit(self._prefill_impl)
+    self._generate = jax.jit(self._generate_impl, static_argnames=("max_new", "stop_at_eos"))
+
+  # -- pieces -------------------------------------------------------------------
+  def _prefill_impl(self, params, cache, tokens, lengths):
+    last, cache = prefill_step(self.model, params, cache, tokens, lengths)
+    return last, _norm_cache(cache)
+
+  def _exit_token(self, ex, h):
+    """Draft token ids [B] and confidence [B] from layer-E states h [B, D]."""
+    y = M.final_norm({"final_norm": {"scale": ex["scale"]}}, M.apply_exit(ex["module"], h),
+                     self.cfg.norm_eps)
+    if self.panel:
+      logits = panel_matmul(y, ex["ws"], self.n_short)
+    else:
+      logits = y @ ex["ws"].T
+    arg = jnp.argmax(logits, -1)
+    if self.confidence == "meta":
+      conf = jax.nn.sigmoid(meta_logit(ex["meta"], h))
+    else:
+      conf = 1.0 / jnp.sum(jnp.exp(logits - jnp.max(logits, -1, keepdims=True)), -1)
+    return ex["shortlist"][arg], conf
+
+  def _draft(self, params, ex, cache, u, pos, done, tau):
+    """Up to max_draft steps of layers [0, E) + exit. Returns (cache, Q [B,K,D],
+    drafts [B,K], n [B] drafts per row)."""
+    cfg, e, k = self.cfg, self.exit_layer, self.max_draft
+    b = u.shape[0]
+    s = cache_length(cache)
+
+    def cond(st):
+      i, _, _, active, _, _, _ = st
+      return (i < k) & jnp.any(active)
+
+    def body(st):
+      i, cache, tok, active, q, drafts, n = st
+      p = (pos + i)[:, None]
+      h = D.embed(cfg, params, tok[:, None])
+      h, cache = D.run_layers(cfg, params, 0, e, h, p, cache,
+                              jnp.where(active[:, None], p, s))
+      nxt, conf = self._exit_token(ex, h[:, 0].astype(jnp.float32))
+      q = jax.lax.dynamic_update_slice_in_dim(q, h.astype(q.dtype), i, axis=1)
+      drafts = jax.lax.dynamic_update_slice_in_dim(drafts, nxt[:, None].astype(jnp.int32),
+                                                   i, axis=1)
+      n = n + active.astype(jnp.int32)
+      active = active & (conf >= tau) & (i + 1 < k)
+      return i + 1, _norm_cache(cache), nxt.astype(jnp.int32), active, q, drafts, n
+
+    q = jnp.zeros((b, k, cfg.d_model), jnp.dtype(cfg.dtype))
+    st = (jnp.zeros((), jnp.int32), cache, u, ~done, q, jnp.zeros((b, k), jnp.int32),
+          jnp.zeros((b,), jnp.int32))
+    _, cache, _, _, q, drafts, n = jax.lax.while_loop(cond, body, st)
+    return cache, q, drafts, jnp.maximum(n, 1)
+
+  def _deep(self, params, cache, chunk, pos, valid):
+    """Layers [E, L) + head on chunk [B, W, D] at positions pos + j (valid: writes)."""
+    s = cache_length(cache)
+    w = chunk.shape[1]
+    cpos = pos[:, None] + jnp.arange(w, dtype=jnp.int32)[None]
+    chunk, cache = D.run_layers(self.cfg, params, self.exit_layer, self.cfg.plan.effective_depth,
+                                chunk, cpos, cache, jnp.where(valid, cpos, s))
+    return _norm_cache(cache), D.head(self.cfg, params, chunk)
+
+  def _round(self, params, ex, cache, u, pos, done, tau):
+    """One draft + check round. Returns (cache, drafts [B,K], a [B] accepted,
+    nxt [B], n [B] drafted, agree [B])."""
+    cfg, e, k = self.cfg, self.exit_layer, self.max_draft
+    s = cache_length(cache)
+    cache, q, drafts, n = self._draft(params, ex, cache, u, pos, done, tau)
+    j = jnp.arange(k + 1, dtype=jnp.int32)[None]
+    live = ~done[:, None]
+    if self.mode == "verify":
+      last = jnp.take_along_axis(drafts, (n - 1)[:, None], axis=1)      # x_n [B, 1]
+      p = (pos + n)[:, None]
+      h = D.embed(cfg, params, last)
+      h, cache = D.run_layers(cfg, params, 0, e, h, p, cache, jnp.where(live, p, s))
+      chunk = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)
+      chunk = jnp.where((j == n[:, None])[..., None], h.astype(chunk.dtype), chunk)
+      cache, logits = self._deep(params, _norm_cache(cache), chunk, pos,
+                                 live & (j <= n[:, None]))
+      target = jnp.argmax(logits.astype(jnp.float32), -1).astype(jnp.int32)   # [B, K+1]
+      ok = (drafts == target[:, :k]) & (j[:, :k] < n[:, None])
+      a = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
+      nxt = jnp.take_along_axis(target, a[:, None], axis=1)[:, 0]
+      agree = a
+    else:
+      cache, logits = self._deep(params, cache, q, pos, live & (j[:, :k] < n[:, None]))
+      target = jnp.argmax(logits.astype(jnp.float32), -1).astype(jnp.int32)   # [B, K]
+      a = n - 1
+      nxt = jnp.take_along_axis(target, a[:, None], axis=1)[:, 0]
+      agree = jnp.sum((drafts == target) & (j[:, :k] < a[:, None]), axis=1)
+    return cache, drafts, a, nxt, n, agree
+
+  def _generate_impl(self, params, ex, cache, last_logits, lengths, tau, max_new,
+                     stop_at_eos):
+    b = lengths.shape[0]
+    k = self.max_draft
+    eos = -1 if (self.eos_id is None or not stop_at_eos) else self.eos_id
+    first = jnp.argmax(last_logits.astype(jnp.float32), -1).astype(jnp.int32)
+    out = jnp.full((b, max_new), self.pad_id, jnp.int32).at[:, 0].set(first)
+    done = (first == eos) | (max_new <= 1)
+    zero = jnp.zeros((), jnp.int32)
+    stats = (zero, zero, zero, zero)  # drafted, accepted, agree, row_rounds
+
+    def cond(st):
+      return (st[0] < max_new) & ~jnp.all(st[5])
+
+    def body(st):
+      rnd, cache, u, pos, n_out, done, out, stats = st
+      cache, drafts, a, nxt, n, agree = self._round(params, ex, cache, u, pos, done, tau)
+      j = jnp.arange(k + 1, dtype=jnp.int32)[None]
+      padded = jnp.concatenate([drafts, drafts[:, :1]], axis=1)
+      emit = jnp.where(j < a[:, None], padded, nxt[:, None])
+      valid = (j <= a[:, None]) & ~done[:, None]
+      is_eos = valid & (emit == eos)
+      hit = jnp.any(is_eos, axis=1)
+      first_eos = jnp.argmax(is_eos, axis=1)
+      valid &= ~(hit[:, None] & (j > first_eos[:, None]))
+      valid &= (n_out[:, None] + j) < max_new
+      cols = jnp.where(valid, n_out[:, None] + j, max_new)
+      out = out.at[jnp.arange(b)[:, None], cols].set(emit, mode="drop")
+      live = ~done
+      n_out = n_out + jnp.sum(valid, axis=1, dtype=jnp.int32)
+      w = lambda x: jnp.sum(jnp.where(live, x, 0), dtype=jnp.int32)
+      stats = (stats[0] + w(n), stats[1] + w(a), stats[2] + w(agree),
+               stats[3] + jnp.sum(live, dtype=jnp.int32))
+      pos = jnp.where(live, pos + a + 1, pos)
+      u = jnp.where(live, nxt, u)
+      done = done | hit | (n_out >= max_new)
+      return rnd + 1, cache, u, pos, n_out, done, out, stats
+
+    st = (zero, _norm_cache(cache), first, lengths.astype(jnp.int32),
+          jnp.ones((b,), jnp.int32), done, out, stats)
+    rnd, _, _, _, n_out, _, out, stats = jax.lax.while_loop(cond, body, st)
+    return out, n_out, rnd, stats
+
+  # -- public API ---------------------------------------------------------------
+  def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
+               tau: float | None = None, stop_at_eos: bool = True) -> ExitDecodeOutput:
+    """Greedy generation of up to ``max_new_tokens`` per prompt (stops at EOS).
+
+    In "verify" mode the tokens equal ``Engine(...).generate`` greedy tokens.
+    ``tau`` overrides the constructor's threshold (no recompilation)."""
+    lengths = check_prompts(self.cfg, prompts, max_new_tokens)
+    t = bucket_length(max(lengths))
+    s = _round_up(t + max_new_tokens + self.max_draft + 2, 64)
+    tokens = np.full((len(prompts), t), self.pad_id, np.int32)
+    for i, p in enumerate(prompts):
+      tokens[i, :len(p)] = p
+    lens = jnp.asarray(lengths, jnp.int32)
+    cache = init_cache(self.cfg, len(prompts), s)
+    ex = {"module": self.module, "ws": self.ws, "shortlist": self.shortlist,
+          "scale": self.norm_scale, "meta": self.meta}
+    t0 = time.perf_counter()
+    last, cache = self._prefill(self.params, cache, jnp.asarray(tokens), lens)
+    last.block_until_ready()
+    t1 = time.perf_counter()
+    out, n_out, rounds, stats = self._generate(
+        self.params, ex, cache, last, lens, jnp.float32(self.tau if tau is None else tau),
+        max_new=max_new_tokens, stop_at_eos=stop_at_eos)
+    out, n_out = np.asarray(out), np.asarray(n_out)
+    t2 = time.perf_counter()
+    rows = [r[:n].tolist() for r, n in zip(out, n_out)]
+    drafted, accepted, agree, row_rounds = (int(x) for x in stats)
+    return ExitDecodeOutput(rows, lengths, t1 - t0, t2 - t1, int(rounds), drafted=drafted,
+                            accepted=accepted, agree=agree, row_rounds=row_rounds,
+                            max_draft=self.max_draft, exit_layer=self.exit_layer,
+                            mode=self.mode)
