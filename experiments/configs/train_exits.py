@@ -33,13 +33,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.shortlist = 4096                    # draft head vocabulary (most frequent targets)
   c.ridge = 1e-3                        # closed-form affine fit
   # training (per exit and kind)
-  c.steps = 200
+  c.steps = 150
   c.batch = 512                         # tokens per step
   c.lr = 1e-3
   c.kd_weight = 1.0                     # KL(teacher || exit) over the shortlist
   c.ce_weight = 0.5                     # CE on the teacher's argmax
   # what goes into the artifact (<= 8 MB as float16)
   c.ship = ("lowrank:6", "lowrank:8", "lowrank:12")
+  c.n_eval_full_head = 2048             # held-out tokens scored through the full head
   c.meta_hidden = 64
   c.meta_steps = 300
   if variant == "small":                # a quick smoke run (~2 min)

@@ -305,3 +305,37 @@ class ExitSpeculativeEngine:
                             accepted=accepted, agree=agree, row_rounds=row_rounds,
                             max_draft=self.max_draft, exit_layer=self.exit_layer,
                             mode=self.mode)
+
+
+# Settings used when the caller names none: from the shipped artifact's
+# benchmark (results/bench_exits.md); ``exits.info["recommended"]`` overrides.
+DEFAULTS = {"exit_layer": 8, "max_draft": 4, "tau": 0.5}
+
+
+def from_artifact(cfg: ModelConfig, params, path: str | None = None,
+                  **overrides) -> ExitSpeculativeEngine:
+  """The lossless self-speculative engine for ``speculative=True``.
+
+  Loads the exit artifact at ``path`` (default: the one shipped for the
+  embedded SmolLM2), checks it was made for this model and builds a "verify"
+  engine with the artifact's recommended exit layer / draft length / tau
+  (``overrides`` win). Raises ``ExitArtifactError`` (missing, truncated,
+  mismatched): a caller that asked for speculation must surface it."""
+  from recursive_lm.exits.artifact import default_artifact_path, load_exits  # pylint: disable=g-import-not-at-top
+  es = load_exits(path or default_artifact_path(), cfg, params)
+  kw = dict(DEFAULTS)
+  kw.update(es.info.get("recommended", {}))
+  kw.update(overrides)
+  if kw["exit_layer"] not in es.exits:
+    kw["exit_layer"] = sorted(es.exits)[0]
+  return ExitSpeculativeEngine(cfg, params, es, mode="verify", check_model=False, **kw)
+
+
+def default_engine_or_none(cfg: ModelConfig, params, path: str | None = None):
+  """For the *default* generate path only: the speculative engine, or None
+  (fall back to plain decoding) when no valid artifact matches this model."""
+  from recursive_lm.exits.artifact import ExitArtifactError  # pylint: disable=g-import-not-at-top
+  try:
+    return from_artifact(cfg, params, path)
+  except ExitArtifactError:
+    return None
