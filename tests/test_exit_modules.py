@@ -51,15 +51,18 @@ def test_verify_mode_equals_plain_greedy(seed, layout):
   cfg, params = _model(seed)
   es = _random_exits(cfg, params, (1, 2, 3), seed)
   ref = Engine(cfg, params).generate(PROMPTS, max_new_tokens=14)
-  for e, k, conf in [(1, 1, "maxprob"), (2, 3, "maxprob"), (3, 5, "meta")]:
+  for e, k, conf, m in [(1, 1, "maxprob", 1), (2, 3, "maxprob", 0), (3, 5, "meta", 1),
+                        (1, 4, "meta", 0)]:
     eng = ExitSpeculativeEngine(cfg, params, es, exit_layer=e, max_draft=k, confidence=conf,
-                                kernel_layout=layout, fuse=layout is not None)
+                                min_draft=m, kernel_layout=layout, fuse=layout is not None)
     for tau in (0.0, 0.3, 2.0):
       out = eng.generate(PROMPTS, max_new_tokens=14, tau=tau)
-      assert out.tokens == ref.tokens, (e, k, conf, tau)
+      assert out.tokens == ref.tokens, (e, k, conf, m, tau)
       assert 0 <= out.accepted <= out.drafted
-      if tau > 1:  # never confident: exactly one draft per round
-        assert out.drafted == out.row_rounds
+      if tau > 1:  # never confident: min_draft drafts per round
+        assert out.drafted == m * out.row_rounds
+      if tau == 0.0:  # always confident: max_draft drafts per round
+        assert out.drafted == k * out.row_rounds
 
 
 def test_trust_mode_never_confident_is_full_depth():

@@ -95,6 +95,8 @@ class ExitSpeculativeEngine:
     mode: "verify" (lossless) or "trust" (FREE).
     confidence: "maxprob" (shortlist softmax max) or "meta" (head-free classifier).
     shortlist_size: use the first n shortlist ids (None: all).
+    min_draft: 0 (verify only the leading confident drafts; an unconfident
+      first draft makes the round a plain step) or 1 (always verify >= 1).
     kernel_layout, fuse: as for ``decode.engine.Engine`` (default: the panel
       layout with fused projections, the fastest measured decode layout).
   """
@@ -102,6 +104,7 @@ class ExitSpeculativeEngine:
   def __init__(self, cfg: ModelConfig, params, exits: ExitSet, exit_layer: int,
                max_draft: int = 4, tau: float = 0.0, mode: str = "verify",
                confidence: str = "maxprob", shortlist_size: int | None = None,
+               min_draft: int = 0,
                eos_id: int | None = None, pad_id: int | None = None,
                kernel_layout: str | None = "panel", fuse: bool = True,
                check_model: bool = True):
@@ -117,6 +120,9 @@ class ExitSpeculativeEngine:
                        f"use confidence='maxprob' (meta at {sorted(exits.meta)})")
     if not 1 <= exit_layer < cfg.plan.effective_depth:
       raise ValueError(f"exit_layer must lie in [1, {cfg.plan.effective_depth})")
+    if min_draft not in (0, 1):
+      raise ValueError(f"min_draft must be 0 or 1, got {min_draft}")
+    self.min_draft = int(min_draft)
     if max_draft < 1:
       raise ValueError(f"max_draft must be >= 1, got {max_draft}")
     if check_model:
@@ -162,17 +168,17 @@ class ExitSpeculativeEngine:
 
   def _draft(self, params, ex, cache, u, pos, done, tau):
     """Up to max_draft steps of layers [0, E) + exit. Returns (cache, Q [B,K,D],
-    drafts [B,K], n [B] drafts per row)."""
+    drafts [B,K], n [B] draft steps per row, n_conf [B] leading confident drafts)."""
     cfg, e, k = self.cfg, self.exit_layer, self.max_draft
     b = u.shape[0]
     s = cache_length(cache)
 
     def cond(st):
-      i, _, _, active, _, _, _ = st
+      i, _, _, active, _, _, _, _ = st
       return (i < k) & jnp.any(active)
 
     def body(st):
-      i, cache, tok, active, q, drafts, n = st
+      i, cache, tok, active, q, drafts, n, n_conf = st
       p = (pos + i)[:, None]
       h = D.embed(cfg, params, tok[:, None])
       h, cache = D.run_layers(cfg, params, 0, e, h, p, cache,
@@ -182,14 +188,16 @@ class ExitSpeculativeEngine:
       drafts = jax.lax.dynamic_update_slice_in_dim(drafts, nxt[:, None].astype(jnp.int32),
                                                    i, axis=1)
       n = n + active.astype(jnp.int32)
-      active = active & (conf >= tau) & (i + 1 < k)
-      return i + 1, _norm_cache(cache), nxt.astype(jnp.int32), active, q, drafts, n
+      ok = conf >= tau
+      n_conf = n_conf + (active & ok).astype(jnp.int32)
+      active = active & ok & (i + 1 < k)
+      return i + 1, _norm_cache(cache), nxt.astype(jnp.int32), active, q, drafts, n, n_conf
 
     q = jnp.zeros((b, k, cfg.d_model), jnp.dtype(cfg.dtype))
-    st = (jnp.zeros((), jnp.int32), cache, u, ~done, q, jnp.zeros((b, k), jnp.int32),
-          jnp.zeros((b,), jnp.int32))
-    _, cache, _, _, q, drafts, n = jax.lax.while_loop(cond, body, st)
-    return cache, q, drafts, jnp.maximum(n, 1)
+    zb = jnp.zeros((b,), jnp.int32)
+    st = (jnp.zeros((), jnp.int32), cache, u, ~done, q, jnp.zeros((b, k), jnp.int32), zb, zb)
+    _, cache, _, _, q, drafts, n, n_conf = jax.lax.while_loop(cond, body, st)
+    return cache, q, drafts, jnp.maximum(n, 1), n_conf
 
   def _deep(self, params, cache, chunk, pos, valid):
     """Layers [E, L) + head on chunk [B, W, D] at positions pos + j (valid: writes)."""
@@ -205,16 +213,28 @@ class ExitSpeculativeEngine:
     nxt [B], n [B] drafted, agree [B])."""
     cfg, e, k = self.cfg, self.exit_layer, self.max_draft
     s = cache_length(cache)
-    cache, q, drafts, n = self._draft(params, ex, cache, u, pos, done, tau)
+    cache, q, drafts, n_steps, n_conf = self._draft(params, ex, cache, u, pos, done, tau)
     j = jnp.arange(k + 1, dtype=jnp.int32)[None]
     live = ~done[:, None]
     if self.mode == "verify":
-      last = jnp.take_along_axis(drafts, (n - 1)[:, None], axis=1)      # x_n [B, 1]
+      # Drafts to check: every drafted token (min_draft=1) or only the leading
+      # confident ones (min_draft=0: an unconfident first draft makes the round
+      # a plain full-depth step on u).
+      n = n_steps if self.min_draft == 1 else n_conf
+      has = n > 0
+      last = jnp.take_along_axis(drafts, jnp.maximum(n - 1, 0)[:, None], axis=1)   # x_n
       p = (pos + n)[:, None]
-      h = D.embed(cfg, params, last)
-      h, cache = D.run_layers(cfg, params, 0, e, h, p, cache, jnp.where(live, p, s))
+
+      def shallow_last(cache):
+        h = D.embed(cfg, params, last)
+        h, cache = D.run_layers(cfg, params, 0, e, h, p, cache,
+                                jnp.where(live & has[:, None], p, s))
+        return h.astype(q.dtype), _norm_cache(cache)
+
+      h, cache = jax.lax.cond(jnp.any(has & ~done), shallow_last,
+                              lambda c: (jnp.zeros_like(q[:, :1]), c), _norm_cache(cache))
       chunk = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)
-      chunk = jnp.where((j == n[:, None])[..., None], h.astype(chunk.dtype), chunk)
+      chunk = jnp.where(((j == n[:, None]) & has[:, None])[..., None], h, chunk)
       cache, logits = self._deep(params, _norm_cache(cache), chunk, pos,
                                  live & (j <= n[:, None]))
       target = jnp.argmax(logits.astype(jnp.float32), -1).astype(jnp.int32)   # [B, K+1]
@@ -223,12 +243,13 @@ class ExitSpeculativeEngine:
       nxt = jnp.take_along_axis(target, a[:, None], axis=1)[:, 0]
       agree = a
     else:
+      n = n_steps
       cache, logits = self._deep(params, cache, q, pos, live & (j[:, :k] < n[:, None]))
       target = jnp.argmax(logits.astype(jnp.float32), -1).astype(jnp.int32)   # [B, K]
-      a = n - 1
+      a = jnp.minimum(n_conf, n_steps - 1)
       nxt = jnp.take_along_axis(target, a[:, None], axis=1)[:, 0]
       agree = jnp.sum((drafts == target) & (j[:, :k] < a[:, None]), axis=1)
-    return cache, drafts, a, nxt, n, agree
+    return cache, drafts, a, nxt, n if self.mode == "verify" else a, agree
 
   def _generate_impl(self, params, ex, cache, last_logits, lengths, tau, max_new,
                      stop_at_eos):
