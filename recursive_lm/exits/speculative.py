@@ -199,14 +199,33 @@ class ExitSpeculativeEngine:
     _, cache, _, _, q, drafts, n, n_conf = jax.lax.while_loop(cond, body, st)
     return cache, q, drafts, jnp.maximum(n, 1), n_conf
 
-  def _deep(self, params, cache, chunk, pos, valid):
-    """Layers [E, L) + head on chunk [B, W, D] at positions pos + j (valid: writes)."""
+  def _deep_width(self, params, cache, chunk, pos, valid):
+    """Layers [E, L) + head on chunk [B, W, D] at positions pos + j (valid: writes).
+    Returns (cache, full-model argmax [B, W])."""
     s = cache_length(cache)
     w = chunk.shape[1]
     cpos = pos[:, None] + jnp.arange(w, dtype=jnp.int32)[None]
     chunk, cache = D.run_layers(self.cfg, params, self.exit_layer, self.cfg.plan.effective_depth,
                                 chunk, cpos, cache, jnp.where(valid, cpos, s))
-    return _norm_cache(cache), D.head(self.cfg, params, chunk)
+    logits = D.head(self.cfg, params, chunk).astype(jnp.float32)
+    return _norm_cache(cache), jnp.argmax(logits, -1).astype(jnp.int32)
+
+  def _deep(self, params, cache, chunk, pos, valid, rows):
+    """``_deep_width`` on the narrowest width in (1, 2, 4, ..., W) that holds
+    ``rows`` (the most valid rows of any row of the batch): a round whose
+    drafts were all unconfident costs one plain step, not a W-row pass."""
+    w = chunk.shape[1]
+    widths = sorted({min(2 ** i, w) for i in range(w.bit_length() + 1)})
+
+    def branch(wd):
+      def f(cache):
+        c, t = self._deep_width(params, cache, chunk[:, :wd], pos, valid[:, :wd])
+        return c, jnp.pad(t, ((0, 0), (0, w - wd)), constant_values=-1)
+      return f
+
+    idx = jnp.searchsorted(jnp.asarray(widths, jnp.int32), rows.astype(jnp.int32))
+    idx = jnp.clip(idx, 0, len(widths) - 1)
+    return jax.lax.switch(idx, [branch(wd) for wd in widths], _norm_cache(cache))
 
   def _round(self, params, ex, cache, u, pos, done, tau):
     """One draft + check round. Returns (cache, drafts [B,K], a [B] accepted,
@@ -235,17 +254,17 @@ class ExitSpeculativeEngine:
                               lambda c: (jnp.zeros_like(q[:, :1]), c), _norm_cache(cache))
       chunk = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)
       chunk = jnp.where(((j == n[:, None]) & has[:, None])[..., None], h, chunk)
-      cache, logits = self._deep(params, _norm_cache(cache), chunk, pos,
-                                 live & (j <= n[:, None]))
-      target = jnp.argmax(logits.astype(jnp.float32), -1).astype(jnp.int32)   # [B, K+1]
+      cache, target = self._deep(params, _norm_cache(cache), chunk, pos,
+                                 live & (j <= n[:, None]),
+                                 jnp.max(jnp.where(done, 0, n)) + 1)            # [B, K+1]
       ok = (drafts == target[:, :k]) & (j[:, :k] < n[:, None])
       a = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
       nxt = jnp.take_along_axis(target, a[:, None], axis=1)[:, 0]
       agree = a
     else:
       n = n_steps
-      cache, logits = self._deep(params, cache, q, pos, live & (j[:, :k] < n[:, None]))
-      target = jnp.argmax(logits.astype(jnp.float32), -1).astype(jnp.int32)   # [B, K]
+      cache, target = self._deep(params, cache, q, pos, live & (j[:, :k] < n[:, None]),
+                                 jnp.max(jnp.where(done, 1, n)))                # [B, K]
       a = jnp.minimum(n_conf, n_steps - 1)
       nxt = jnp.take_along_axis(target, a[:, None], axis=1)[:, 0]
       agree = jnp.sum((drafts == target) & (j[:, :k] < a[:, None]), axis=1)
