@@ -130,6 +130,8 @@ def main():
   ap.add_argument("--reps", type=int, default=2)
   ap.add_argument("--tf_seqs", type=int, default=8, help="held-out sequences of 256 tokens")
   ap.add_argument("--out", default="results")
+  ap.add_argument("--tag", default="", help="suffix of the output files")
+  ap.add_argument("--skip_teacher_forced", action="store_true")
   args = ap.parse_args()
   t_start = time.time()
   from recursive_lm import api  # pylint: disable=g-import-not-at-top
@@ -148,8 +150,8 @@ def main():
         f"exits {layers}", flush=True)
 
   held = corpus_stream(tok, "validation", 8192 + 4096, seed=0)
-  tf = teacher_forced(cfg, params, es, layers, args.free_taus,
-                      as_sequences(held, 256)[:args.tf_seqs])
+  tf = None if args.skip_teacher_forced else teacher_forced(
+      cfg, params, es, layers, args.free_taus, as_sequences(held, 256)[:args.tf_seqs])
   print("teacher-forced:", json.dumps(tf), flush=True)
 
   plain = Engine(cfg, params, kernel_layout="panel", fuse=True)
@@ -163,7 +165,7 @@ def main():
       outs = [plain.generate(g, args.new_tokens, stop_at_eos=False) for g in groups]
       return _merge(outs)
 
-    run_plain()  # compile
+    ref = run_plain()  # compile; plain greedy tokens (deterministic)
     configs = []
     for e in layers:
       for k in args.max_drafts:
@@ -175,7 +177,6 @@ def main():
         def run_spec():
           return _merge([eng.generate(g, args.new_tokens, tau=tau, stop_at_eos=False)
                          for g in groups])
-        ref = run_plain()
         spec = run_spec()  # compile / warm
         tp, ts = [], []
         for r in range(args.reps):  # interleaved A/B, alternating order
@@ -199,11 +200,11 @@ def main():
          "artifact": es.info.get("agreement"), "teacher_forced": tf, "rows": rows,
          "new_tokens": args.new_tokens, "n_prompts": args.n_prompts}
   os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "bench_exits.json"), "w") as f:
+  with open(os.path.join(args.out, f"bench_exits{args.tag}.json"), "w") as f:
     json.dump(res, f, indent=1)
-  with open(os.path.join(args.out, "bench_exits.md"), "w") as f:
+  with open(os.path.join(args.out, f"bench_exits{args.tag}.md"), "w") as f:
     f.write(markdown(res))
-  pareto(rows, os.path.join(args.out, "bench_exits_pareto.png"))
+  pareto(rows, os.path.join(args.out, f"bench_exits_pareto{args.tag}.png"))
   print(markdown(res))
 
 
@@ -221,12 +222,13 @@ def markdown(res):
   tf = res["teacher_forced"]
   lines = [f"Exit modules on the embedded SmolLM2-135M (held-out prompts), "
            f"{res['new_tokens']} new tokens, greedy, CPU.",
-           f"Made by `{res['command']}` on {res['date']} ({res['seconds'] / 60:.0f} min).", "",
-           f"Teacher-forced on {tf['n_tokens']} held-out pydoc tokens: full-depth ppl "
+           f"Made by `{res['command']}` on {res['date']} ({res['seconds'] / 60:.0f} min).", ""]
+  if tf:
+    lines += [f"Teacher-forced on {tf['n_tokens']} held-out pydoc tokens: full-depth ppl "
            f"{tf['ppl_full']:.2f}.", "",
            "| exit | top-1 agreement | FREE tau | exit rate | ppl with exits | ppl vs full | emitted = full |",
            "|---|---|---|---|---|---|---|"]
-  for e, rec in tf["exits"].items():
+  for e, rec in (tf["exits"].items() if tf else ()):
     for tau, r in rec["free"].items():
       lines.append(f"| {e} | {rec['top1_agreement']:.1%} | {tau} | {r['exit_rate']:.1%} | "
                    f"{r['ppl']:.2f} | {r['ppl'] / tf['ppl_full'] - 1:+.1%} | {r['equal_to_full']:.1%} |")
