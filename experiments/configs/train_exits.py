@@ -1,0 +1,54 @@
+r"""Config of experiments/train_exits.py: exit modules for the frozen embedded SmolLM2.
+
+    python experiments/train_exits.py                      # the shipped artifact
+    python experiments/train_exits.py --config experiments/configs/train_exits.py:small
+    python experiments/train_exits.py --config.steps=100 --config.out=runs/exits/try
+
+Budget (the shipped artifact): ~41k corpus tokens + 128 self-generated
+continuations of 96 tokens, features at 8 exit layers, raw + least squares at 8 layers, 2
+module kinds x 5 layers trained for ``steps`` steps of ``batch`` tokens each; see notes/README_exits.md
+for the measured wall time.
+"""
+import ml_collections
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = ""                          # api.load spec ("" = the embedded SmolLM2)
+  c.seed = 0
+  c.workdir = "runs/exits"              # features, self-generated data, metrics, plots
+  c.out = "recursive_lm/artifacts/smollm2_exits"   # the shipped artifact
+  # data
+  c.corpus_tokens = 40960               # training corpus tokens (train split)
+  c.heldout_tokens = 8192               # validation split, never trained on
+  c.seq_len = 256
+  c.selfgen_prompts = 128
+  c.selfgen_prompt_len = 32
+  c.selfgen_new_tokens = 96
+  # exits and modules
+  c.exit_layers = (4, 6, 8, 10, 12, 16, 20, 24)
+  c.kinds = ("affine", "lowrank")
+  c.train_layers = (4, 6, 8, 12, 16)    # trained kinds here; raw + least squares at every exit
+  c.rank = 128
+  c.shortlist = 4096                    # draft head vocabulary (most frequent targets)
+  c.ridge = 1e-3                        # closed-form affine fit
+  # training (per exit and kind)
+  c.steps = 150
+  c.batch = 512                         # tokens per step
+  c.lr = 1e-3
+  c.kd_weight = 1.0                     # KL(teacher || exit) over the shortlist
+  c.ce_weight = 0.5                     # CE on the teacher's argmax
+  # what goes into the artifact (<= 8 MB as float16)
+  c.ship = ("lowrank:6", "lowrank:8", "lowrank:12")
+  c.n_eval_full_head = 2048             # held-out tokens scored through the full head
+  c.meta_hidden = 64
+  c.meta_steps = 300
+  if variant == "small":                # a quick smoke run (~2 min)
+    c.corpus_tokens, c.heldout_tokens, c.selfgen_prompts = 8192, 4096, 16
+    c.exit_layers, c.steps, c.meta_steps = (6, 12), 30, 30
+    c.train_layers = (6,)
+    c.ship = ("lowrank:6",)
+    c.workdir, c.out = "runs/exits_small", "runs/exits_small/artifact"
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r}; use '' or 'small'")
+  return c
