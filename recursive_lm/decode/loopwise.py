@@ -114,9 +114,9 @@ class LoopwiseServer:
     lockstep: the sequence-wise baseline on the same code path.
     eos_id, pad_id: as for ``decode.engine.Engine``.
     prefill_chunk: prompt tokens per slot and prefill pass.
-    prefill_rows: static row counts of a prefill pass (the smallest that holds
-      the waiting slots is used, the largest otherwise); default (1, P), and
-      (P,) in lockstep.
+    prefill_rows: static row counts of a prefill pass (the largest that the
+      waiting slots fill is used; the others wait); default (1, P), and (P,)
+      in lockstep.
     head_rows: slots the head serves per step (deferred emission); default P
       in lockstep, else about P / (expected depth).
     kernel_layout, fuse: decode weight layout, as for ``Engine``.
@@ -272,8 +272,9 @@ class LoopwiseServer:
       st, cache = args
       if len(passes) == 1:
         return passes[0](params, st, cache)
-      idx = jnp.searchsorted(jnp.asarray(self.prefill_rows), n_wait)
-      idx = jnp.minimum(idx, len(passes) - 1)
+      # the largest pass that is filled (no padded rows); the rest wait a step
+      idx = jnp.searchsorted(jnp.asarray(self.prefill_rows), n_wait, side="right") - 1
+      idx = jnp.clip(idx, 0, len(passes) - 1)
       return jax.lax.switch(idx, [lambda a, f=f: f(params, *a) for f in passes],
                             (st, cache))
 
@@ -372,7 +373,11 @@ class LoopwiseServer:
     h = st["h"][sel]
     depth = st["loop"][sel] + 1
     if not self._feedback_depths:
-      cache = B.fill_kv(cfg, params, cache, sel, h, st["pos"][sel], depth, ok)
+      skipped = ok & (depth < cfg.plan.loops)
+      cache = jax.lax.cond(
+          jnp.any(skipped),
+          lambda c: B.fill_kv(cfg, params, c, sel, h, st["pos"][sel], depth, ok),
+          lambda c: c, _lists(cache))
     else:
       depth = st["cnt"][sel]
     logits = D.head(cfg, params, h)
