@@ -115,7 +115,7 @@ class LoopwiseServer:
     eos_id, pad_id: as for ``decode.engine.Engine``.
     prefill_chunk: prompt tokens per slot and prefill pass.
     prefill_rows: static row counts of a prefill pass (the largest that the
-      waiting slots fill is used; the others wait); default (1, P), and (P,)
+      waiting slots fill is used; the others wait); default (1, 4, P), and (P,)
       in lockstep.
     head_rows: slots the head serves per step (deferred emission); default P
       in lockstep, else about P / (expected depth).
@@ -145,7 +145,7 @@ class LoopwiseServer:
     self.eos_id, self.pad_id = token_ids(cfg, eos_id, pad_id)
     self.chunk = int(prefill_chunk)
     p = self.slots
-    rows = prefill_rows or ((p,) if lockstep else (1, p))
+    rows = prefill_rows or ((p,) if lockstep else (1, 4, p))
     self.prefill_rows = tuple(sorted({min(max(int(r), 1), p) for r in rows}))
     if head_rows is None:
       head_rows = p if lockstep else math.ceil(p / self._expected_depth())
