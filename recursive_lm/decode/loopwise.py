@@ -1,0 +1,460 @@
+"""Loop-wise (continuous depth-wise) serving: one jitted loop over a fixed slot pool.
+
+A pool of ``P`` slots; each slot holds one request's current token at its
+*own* loop of the shared block and owns one row of a static KV cache. The
+whole serving run is one ``lax.while_loop`` on the device; each iteration:
+
+1. **admits**: free slots take the next requests from the device-side queue
+   (prompt buffer ``[Q, T]``, lengths, a head pointer);
+2. **prefills** waiting slots in fixed-size chunks of ``prefill_chunk`` tokens
+   at full depth (up to ``prefill_rows`` slots per pass, the static number of
+   rows chosen by how many wait); a slot whose prompt is complete samples its
+   first token;
+3. **applies one loop** of the shared block to every decoding slot at its own
+   loop index (``decode.loopwise_block.block_loop``: one static cache layout,
+   single-slot KV writes, no per-row cache copies); slots starting a token run
+   embedding + prelude, slots at their last loop the coda;
+4. **emits**: a slot whose token is complete waits for the LM head, which runs
+   on a compacted set of ``head_rows`` such slots (rotating priority; the rest
+   wait a step), so the 49k-vocabulary head costs per emitted token, not per
+   slot and step. Tokens that stopped before the last loop get the K/V of the
+   loops they skipped by state copying (CALM) for those rows only. Emitted
+   tokens go straight into the per-request output buffer ``[Q, max_new]``;
+   a finished request frees its slot for step 1 of the next iteration.
+
+The loop returns to the host once, when the queue is empty and every slot is
+free (the output buffer then holds every request). There is no per-step host
+work.
+
+How deep a token goes: ``exit=None`` (all loops), ``ForcedDepth`` (seeded
+per-token depths, ``decode.forced_depth``; for speed measurements), or an
+``ExitPolicy`` (a confidence >= threshold at a loop boundary). A confidence
+needs the head at every loop, so with an ``ExitPolicy`` the head runs on every
+slot every step and tokens are emitted right away.
+
+``lockstep=True`` is the sequence-wise baseline on the same code path: the
+pool is admitted only when every slot is free, decoding starts when the whole
+batch is prefilled (one pass of ``P`` rows per chunk), all rows advance one
+loop per step together until the deepest row of the token is done (the others
+wait), the head runs once per token for the whole batch, and the batch refills
+only when all its requests are finished.
+
+Example::
+
+    srv = LoopwiseServer(cfg, params, slots=32, exit=ForcedDepth((0.5, 0.5)))
+    out = srv.generate(prompts, max_new_tokens=64)   # a decode.serving.BatchOutput
+"""
+from __future__ import annotations
+
+import functools
+import math
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from recursive_lm.config import ModelConfig
+from recursive_lm.decode import depth as D
+from recursive_lm.decode import loopwise_block as B
+from recursive_lm.decode.engine import _round_up, check_prompts, token_ids
+from recursive_lm.decode.forced_depth import ForcedDepth
+from recursive_lm.decode.sampling import SamplingConfig, argmax, sample
+from recursive_lm.decode.serving import (BatchOutput, ExitPolicy, check_recursive,
+                                         exit_confidence)
+from recursive_lm.early_exit.thresholds import should_exit
+from recursive_lm.nn.model import Transformer, decode_layout, init_cache
+
+Array = jax.Array
+FREE, PREFILL, DECODE = 0, 1, 2
+
+
+def _lists(cache):
+  return {g: (v if not isinstance(v, (list, tuple)) else [tuple(c) for c in v])
+          for g, v in cache.items()}
+
+
+def _rows(cache, idx):
+  """The cache rows idx [R] (block rows on axis 1)."""
+  out = {}
+  for g, v in cache.items():
+    ax = 1 if g in ("block", "block_valid") else 0
+    out[g] = (jnp.take(v, idx, axis=ax) if g == "block_valid" else
+              [tuple(jnp.take(c, idx, axis=ax) for c in kv) for kv in v])
+  return out
+
+
+def _set_rows(cache, rows, idx):
+  """Writes rows back at idx [R]; idx out of range writes nothing."""
+  out = {}
+  for g, v in cache.items():
+    if g == "block_valid":
+      out[g] = v.at[:, idx].set(rows[g].astype(v.dtype), mode="drop")
+    elif g == "block":
+      out[g] = [tuple(c.at[:, idx].set(r.astype(c.dtype), mode="drop")
+                      for c, r in zip(kv, rkv)) for kv, rkv in zip(v, rows[g])]
+    else:
+      out[g] = [tuple(c.at[idx].set(r.astype(c.dtype), mode="drop")
+                      for c, r in zip(kv, rkv)) for kv, rkv in zip(v, rows[g])]
+  return out
+
+
+def _put(x: Array, idx: Array, val) -> Array:
+  return x.at[idx].set(jnp.asarray(val).astype(x.dtype), mode="drop")
+
+
+class LoopwiseServer:
+  """Loop-wise (or, ``lockstep=True``, sequence-wise) serving; see module docstring.
+
+  Args:
+    cfg, params: a recursive model (``cfg.plan.loops >= 2``).
+    slots: pool size P.
+    exit: None, ``ForcedDepth`` or ``ExitPolicy``.
+    lockstep: the sequence-wise baseline on the same code path.
+    eos_id, pad_id: as for ``decode.engine.Engine``.
+    prefill_chunk: prompt tokens per slot and prefill pass.
+    prefill_rows: static row counts of a prefill pass (the largest that the
+      waiting slots fill is used; the others wait); default (1, 4, P), and (P,)
+      in lockstep.
+    head_rows: slots the head serves per step (deferred emission); default P
+      in lockstep, else about P / (expected depth).
+    kernel_layout, fuse: decode weight layout, as for ``Engine``.
+  """
+
+  def __init__(self, cfg: ModelConfig, params, slots: int = 8, exit=None,
+               lockstep: bool = False, eos_id: int | None = None,
+               pad_id: int | None = None, prefill_chunk: int = 32,
+               prefill_rows: Sequence[int] | None = None, head_rows: int | None = None,
+               kernel_layout: str | None = None, fuse: bool = False):
+    check_recursive(cfg, "depth-wise batching" if not lockstep else
+                    "the sequence-wise early-exit baseline")
+    if slots < 1:
+      raise ValueError(f"slots must be >= 1, got {slots}")
+    if exit is not None and not isinstance(exit, (ExitPolicy, ForcedDepth)):
+      raise ValueError(f"exit must be None, an ExitPolicy or a ForcedDepth, got {exit!r}")
+    if isinstance(exit, ForcedDepth) and exit.max_depth != cfg.plan.loops:
+      raise ValueError(f"ForcedDepth has {exit.max_depth} depths but the model loops "
+                       f"its block {cfg.plan.loops} times; give one probability per loop")
+    if prefill_chunk < 1:
+      raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+    cfg, params = decode_layout(cfg, params, kernel_layout, fuse)
+    self.cfg, self.params, self.slots, self.exit = cfg, params, int(slots), exit
+    self.lockstep = bool(lockstep)
+    self.model = Transformer(cfg)
+    self.eos_id, self.pad_id = token_ids(cfg, eos_id, pad_id)
+    self.chunk = int(prefill_chunk)
+    p = self.slots
+    rows = prefill_rows or ((p,) if lockstep else (1, 4, p))
+    self.prefill_rows = tuple(sorted({min(max(int(r), 1), p) for r in rows}))
+    if head_rows is None:
+      head_rows = p if lockstep else math.ceil(p / self._expected_depth())
+    self.head_rows = min(max(int(head_rows), 1), p)
+
+  def _expected_depth(self) -> float:
+    if isinstance(self.exit, ForcedDepth):
+      return self.exit.mean_depth
+    return float(self.cfg.plan.loops)
+
+  @property
+  def _emit_now(self) -> bool:
+    """Confidence exits need the head at every loop: emit in the decode step."""
+    return isinstance(self.exit, ExitPolicy)
+
+  # Instances with the same static settings share compiled code.
+  def _static_key(self):
+    return (type(self), self.cfg, self.slots, self.exit if not self._emit_now else
+            self.exit.measure, self.lockstep, self.eos_id, self.pad_id, self.chunk,
+            self.prefill_rows, self.head_rows)
+
+  def __hash__(self):
+    return hash(self._static_key())
+
+  def __eq__(self, other):
+    return type(self) is type(other) and self._static_key() == other._static_key()
+
+  # -- state -------------------------------------------------------------------
+  def _init_state(self, q_tok, q_len, n_req, max_new: int, seed: int):
+    p, q = self.slots, q_tok.shape[0]
+    zi = jnp.zeros((p,), jnp.int32)
+    zb = jnp.zeros((p,), bool)
+    zero = jnp.zeros((), jnp.int32)
+    return dict(
+        q_tok=q_tok, q_len=q_len, n_req=n_req, head=zero,
+        out_tok=jnp.full((q, max_new), self.pad_id, jnp.int32),
+        out_dep=jnp.zeros((q, max_new), jnp.int32), out_n=jnp.zeros((q,), jnp.int32),
+        rid=zi - 1, phase=zi, pf=zi, pos=zi, tok=zi, loop=zi, target=zi, n_out=zi,
+        h=jnp.zeros((p, self.cfg.d_model), jnp.dtype(self.cfg.dtype)),
+        ready=zb, parked=zb, final=zb, seed=jnp.asarray(seed, jnp.int32),
+        steps=zero, busy=zero, head_calls=zero, prefill_passes=zero, iters=zero)
+
+  def _target(self, rid: Array, j: Array) -> Array:
+    """Loops token j of request rid runs."""
+    n = self.cfg.plan.loops
+    if isinstance(self.exit, ForcedDepth):
+      return self.exit.depth(rid, j)
+    return jnp.full(rid.shape, n, jnp.int32)
+
+  def _sample(self, logits: Array, rid: Array, j: Array, seed: Array, sampling):
+    """Token per row; non-greedy keys depend only on (seed, request, token index)."""
+    if sampling.greedy:
+      return argmax(logits.astype(jnp.float32))
+    key = jax.random.fold_in(jax.random.key(0), seed)
+    keys = jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(key, r), t))(rid, j)
+    return jax.vmap(lambda l, k: sample(l[None], k, sampling)[0])(logits, keys)
+
+  def _eos(self, stop_at_eos: bool) -> int:
+    return self.eos_id if (stop_at_eos and self.eos_id is not None) else -1
+
+  # -- 1. admission ------------------------------------------------------------
+  def _admit(self, st):
+    free = st["phase"] == FREE
+    rank = jnp.cumsum(free.astype(jnp.int32)) - 1
+    take = free & (st["head"] + rank < st["n_req"])
+    if self.lockstep:
+      take = take & jnp.all(free)
+    return dict(st, rid=jnp.where(take, st["head"] + rank, st["rid"]),
+                phase=jnp.where(take, PREFILL, st["phase"]),
+                pf=jnp.where(take, 0, st["pf"]),
+                head=st["head"] + jnp.sum(take, dtype=jnp.int32))
+
+  # -- 2. chunked prefill ------------------------------------------------------
+  def _prefill_layers(self, params, h, pos, sub, ws, first_chunk):
+    del first_chunk
+    return self.model.apply({"params": params}, h, pos, None, sub, ws,
+                            method=lambda m, *a: m.layers(*a)[:2])
+
+  def _prefill_pass(self, r: int, params, st, cache, max_new, sampling, stop_at_eos):
+    cfg, p, c = self.cfg, self.slots, self.chunk
+    s = cache["block"][0][0].shape[3]
+    rows = jnp.nonzero(st["phase"] == PREFILL, size=r, fill_value=p)[0]
+    ok = rows < p
+    ri = jnp.minimum(rows, p - 1)
+    rid = jnp.maximum(st["rid"][ri], 0)
+    pf, ln = st["pf"][ri], st["q_len"][rid]
+    cols = pf[:, None] + jnp.arange(c, dtype=jnp.int32)[None]
+    tq = st["q_tok"].shape[1]
+    toks = jnp.take_along_axis(st["q_tok"][rid], jnp.minimum(cols, tq - 1), axis=1)
+    valid = ok[:, None] & (cols < ln[:, None])
+    ws = jnp.where(valid, cols, s)
+    h = D.embed(cfg, params, toks)
+    h, sub = self._prefill_layers(params, h, cols, _rows(cache, ri), ws, pf == 0)
+    cache = _set_rows(_lists(cache), _lists(sub), jnp.where(ok, rows, p))
+    done = ok & (pf + c >= ln)
+    last = jnp.clip(ln - 1 - pf, 0, c - 1)
+    hl = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
+    first = self._sample(D.head(cfg, params, hl), rid, jnp.zeros_like(rid), st["seed"],
+                         sampling)
+    ends = done & ((first == self._eos(stop_at_eos)) | (max_new <= 1))
+    at = jnp.where(ok, rows, p)
+    dn = jnp.where(done, rows, p)
+    st = dict(st)
+    st["pf"] = _put(st["pf"], at, pf + c)
+    qi = jnp.where(done, rid, st["out_tok"].shape[0])
+    st["out_tok"] = st["out_tok"].at[qi, 0].set(first, mode="drop")
+    if not self._feedback_depths:
+      st["out_dep"] = st["out_dep"].at[qi, 0].set(cfg.plan.loops, mode="drop")
+    st["out_n"] = _put(st["out_n"], qi, 1)
+    gone = ends if not self._feedback_depths else jnp.zeros_like(ends)
+    for k, v in (("phase", jnp.where(gone, FREE, DECODE)), ("rid", jnp.where(gone, -1, rid)),
+                 ("pos", ln), ("tok", first), ("loop", 0), ("n_out", 1),
+                 ("target", self._target(rid, jnp.ones_like(rid))), ("ready", False),
+                 ("parked", False), ("final", ends)):
+      st[k] = _put(st[k], dn, v)
+    st["prefill_passes"] = st["prefill_passes"] + 1
+    return st, cache
+
+  def _prefill(self, params, st, cache, **static):
+    n_wait = jnp.sum(st["phase"] == PREFILL)
+    passes = [functools.partial(self._prefill_pass, r, **static) for r in self.prefill_rows]
+
+    def run(args):
+      st, cache = args
+      if len(passes) == 1:
+        return passes[0](params, st, cache)
+      # the largest pass that is filled (no padded rows); the rest wait a step
+      idx = jnp.searchsorted(jnp.asarray(self.prefill_rows), n_wait, side="right") - 1
+      idx = jnp.clip(idx, 0, len(passes) - 1)
+      return jax.lax.switch(idx, [lambda a, f=f: f(params, *a) for f in passes],
+                            (st, cache))
+
+    return jax.lax.cond(n_wait > 0, run, lambda a: a, (st, cache))
+
+  # -- 3. one loop for every decoding slot -------------------------------------
+  _feedback_depths = False  # MoR records the depth of the fed-back token
+
+  def _decode_block(self, params, st, cache, go, threshold, max_new, sampling,
+                    stop_at_eos):
+    cfg, plan = self.cfg, self.cfg.plan
+    s = cache["block"][0][0].shape[3]
+    n_loops, total = plan.loops, plan.effective_depth
+    loop, pos = st["loop"], st["pos"]
+    p1 = pos[:, None]
+    fresh = go & (loop == 0)
+    h0 = D.embed(cfg, params, st["tok"][:, None])
+    h0, cache = D.run_layers(cfg, params, 0, plan.prelude, h0, p1, cache,
+                             jnp.where(fresh, pos, s)[:, None])
+    h_in = jnp.where(fresh[:, None], h0[:, 0], st["h"])
+    h, blk = B.block_loop(cfg, params, loop, h_in, pos, cache["block"], go)
+    cache = dict(cache, block=blk)
+    last = loop == n_loops - 1
+    h_out = h
+    if plan.coda:
+      hc, cache = D.run_layers(cfg, params, total - plan.coda, total, h[:, None], p1,
+                               cache, jnp.where(go & last, pos, s)[:, None])
+      h_out = jnp.where(last[:, None], hc[:, 0], h)
+    st = dict(st, h=jnp.where(go[:, None], h_out, st["h"]).astype(st["h"].dtype))
+    if not self._emit_now:
+      fin = go & (loop + 1 >= st["target"])
+      return dict(st, ready=st["ready"] | fin,
+                  loop=jnp.where(go & ~fin, loop + 1, loop)), _lists(cache)
+    # Confidence exits: the head on every slot, emit now.
+    logits = D.head(cfg, params, h_out)
+    early = go & ~last & should_exit(exit_confidence(self.exit, logits, h_in, h),
+                                     threshold)
+    rows = jnp.arange(self.slots)
+    cache = jax.lax.cond(
+        jnp.any(early),
+        lambda c: B.fill_kv(cfg, params, c, rows, h, pos, loop + 1, early),
+        lambda c: c, _lists(cache))
+    emit = go & (last | early)
+    st = dict(st, loop=jnp.where(go & ~emit, loop + 1, loop),
+              head_calls=st["head_calls"] + 1)
+    return self._emit(st, emit, rows, logits, loop + 1, max_new, sampling,
+                      stop_at_eos), cache
+
+  # -- 4. emission -------------------------------------------------------------
+  def _emit(self, st, sel_ok, sel, logits, depth, max_new, sampling, stop_at_eos):
+    """Rows ``sel`` [R] (slot ids; ``sel_ok`` [R]) emit a token from ``logits``."""
+    p, q = self.slots, st["out_tok"].shape[0]
+    rid, n_out = st["rid"][sel], st["n_out"][sel]
+    tok = self._sample(logits, jnp.maximum(rid, 0), n_out, st["seed"], sampling)
+    qi = jnp.where(sel_ok, rid, q)
+    at = jnp.where(sel_ok, sel, p)
+    st = dict(st)
+    if self._feedback_depths:
+      # depth of the token fed back (out[n_out - 1]); a final row stops here
+      st["out_dep"] = st["out_dep"].at[qi, n_out - 1].set(depth, mode="drop")
+      stop = sel_ok & st["final"][sel]
+      emit = sel_ok & ~stop
+    else:
+      st["out_dep"] = st["out_dep"].at[qi, n_out].set(depth, mode="drop")
+      stop = jnp.zeros_like(sel_ok)
+      emit = sel_ok
+    qe = jnp.where(emit, rid, q)
+    st["out_tok"] = st["out_tok"].at[qe, n_out].set(tok, mode="drop")
+    n_new = n_out + emit.astype(jnp.int32)
+    st["out_n"] = _put(st["out_n"], qe, n_new)
+    ends = emit & ((tok == self._eos(stop_at_eos)) | (n_new >= max_new))
+    free = stop if self._feedback_depths else ends
+    cont = sel_ok & ~free
+    st["final"] = _put(st["final"], jnp.where(emit, sel, p), ends)
+    st["phase"] = _put(st["phase"], jnp.where(free, sel, p), FREE)
+    st["rid"] = _put(st["rid"], jnp.where(free, sel, p), -1)
+    ac = jnp.where(cont, sel, p)
+    st["n_out"] = _put(st["n_out"], at, n_new)
+    st["pos"] = _put(st["pos"], ac, st["pos"][sel] + 1)
+    st["tok"] = _put(st["tok"], jnp.where(emit, sel, p), tok)
+    st["loop"] = _put(st["loop"], ac, 0)
+    st["target"] = _put(st["target"], ac, self._target(jnp.maximum(rid, 0), n_new))
+    st["ready"] = _put(st["ready"], at, False)
+    if self.lockstep:
+      st["parked"] = _put(st["parked"], ac, True)
+    return st
+
+  def _head_step(self, params, st, cache, max_new, sampling, stop_at_eos):
+    """The head for up to ``head_rows`` waiting slots (rotating priority), with
+    the K/V fill of the loops their tokens skipped."""
+    cfg, p, hr = self.cfg, self.slots, self.head_rows
+    slots = jnp.arange(p, dtype=jnp.int32)
+    key = jnp.where(st["ready"], (slots - st["iters"]) % p, p + slots)
+    sel = jnp.argsort(key)[:hr].astype(jnp.int32)
+    ok = st["ready"][sel]
+    h = st["h"][sel]
+    depth = st["loop"][sel] + 1
+    if not self._feedback_depths:
+      skipped = ok & (depth < cfg.plan.loops)
+      cache = jax.lax.cond(
+          jnp.any(skipped),
+          lambda c: B.fill_kv(cfg, params, c, sel, h, st["pos"][sel], depth, ok),
+          lambda c: c, _lists(cache))
+    else:
+      depth = st["cnt"][sel]
+    logits = D.head(cfg, params, h)
+    st = dict(st, head_calls=st["head_calls"] + 1)
+    return self._emit(st, ok, sel, logits, depth, max_new, sampling, stop_at_eos), cache
+
+  # -- the loop ------------------------------------------------------------------
+  def _step(self, params, carry, threshold, max_new, sampling, stop_at_eos):
+    st, cache = carry
+    static = dict(max_new=max_new, sampling=sampling, stop_at_eos=stop_at_eos)
+    st = self._admit(st)
+    st, cache = self._prefill(params, st, cache, **static)
+    decoding = st["phase"] == DECODE
+    go = decoding & ~st["ready"] & ~st["parked"]
+    if self.lockstep:
+      go = go & ~jnp.any(st["phase"] == PREFILL)
+    st, cache = jax.lax.cond(
+        jnp.any(go),
+        lambda a: self._decode_block(params, *a, go, threshold, **static),
+        lambda a: a, (st, cache))
+    st = dict(st, steps=st["steps"] + jnp.any(go).astype(jnp.int32),
+              busy=st["busy"] + jnp.sum(go, dtype=jnp.int32))
+    if not self._emit_now:
+      need = jnp.any(st["ready"])
+      if self.lockstep:  # once per token, when the deepest row is done
+        need = need & ~jnp.any((st["phase"] == DECODE) & ~st["ready"] & ~st["parked"])
+      st, cache = jax.lax.cond(
+          need, lambda a: self._head_step(params, *a, **static), lambda a: a,
+          (st, cache))
+    if self.lockstep:  # the batch moves on when no row is still computing
+      moving = (st["phase"] == DECODE) & ~st["parked"]
+      st = dict(st, parked=st["parked"] & jnp.any(moving))
+    return dict(st, iters=st["iters"] + 1), _lists(cache)
+
+  @functools.partial(jax.jit, static_argnums=0,
+                     static_argnames=("max_new", "sampling", "stop_at_eos"))
+  def _serve(self, params, st, cache, threshold, max_iters, max_new, sampling,
+             stop_at_eos):
+    def cond(c):
+      st = c[0]
+      return ((jnp.any(st["phase"] != FREE) | (st["head"] < st["n_req"]))
+              & (st["iters"] < max_iters))
+
+    def body(c):
+      return self._step(params, c, threshold, max_new, sampling, stop_at_eos)
+
+    return jax.lax.while_loop(cond, body, (st, _lists(cache)))
+
+  # -- public API --------------------------------------------------------------
+  def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
+               sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+               stop_at_eos: bool = True) -> BatchOutput:
+    """Serves ``prompts`` (any number; FIFO queue) through the slot pool."""
+    lengths = check_prompts(self.cfg, prompts, max_new_tokens)
+    c = self.chunk
+    s = _round_up(max(lengths) + max_new_tokens, 64)
+    tq = _round_up(max(lengths), c)
+    q = 1 << max(len(prompts) - 1, 0).bit_length()   # bucketed queue size
+    toks = np.full((q, tq), self.pad_id, np.int32)
+    lens = np.ones((q,), np.int32)
+    for i, pr in enumerate(prompts):
+      toks[i, :len(pr)] = pr
+      lens[i] = len(pr)
+    t0 = time.perf_counter()
+    st = self._init_state(jnp.asarray(toks), jnp.asarray(lens),
+                          jnp.asarray(len(prompts), jnp.int32), max_new_tokens, seed)
+    cache = init_cache(self.cfg, self.slots, s)
+    threshold = jnp.float32(self.exit.threshold if self._emit_now else math.inf)
+    st, _ = self._serve(self.params, st, cache, threshold,
+                        jnp.asarray(np.iinfo(np.int32).max, jnp.int32),
+                        max_new=max_new_tokens, sampling=sampling, stop_at_eos=stop_at_eos)
+    keys = ("out_tok", "out_dep", "out_n", "steps", "busy", "head_calls", "prefill_passes")
+    out_tok, out_dep, out_n, steps, busy, heads, passes = jax.device_get(
+        tuple(st[k] for k in keys))
+    seconds = time.perf_counter() - t0
+    n = len(prompts)
+    return BatchOutput([out_tok[i, :out_n[i]].tolist() for i in range(n)],
+                       [out_dep[i, :out_n[i]].tolist() for i in range(n)],
+                       lengths, seconds, 0.0, int(steps), int(steps) * self.slots,
+                       int(busy), int(heads), int(passes))
