@@ -21,20 +21,24 @@ class LoadedModel:
   tokenizer: Any
   source: str
 
-  def engine(self, batch: int | None = None) -> Engine:
+  def engine(self, batch: int | None = None, weights: str = "f32") -> Engine:
     """An engine in the fastest measured layout for ``batch`` rows of decoding
     (results/bench_decode.md): fused panel kernels read by the native CPU
     matmul up to 64 rows when it is available, else fused [out, in] kernels at
-    batch 1; the training layout otherwise (``None``: scoring)."""
+    batch 1; the training layout otherwise (``None``: scoring). ``weights``:
+    "f32" | "bf16" | "int8" (int8 needs the native panel kernel), see
+    nn.model.decode_layout."""
     import jax  # pylint: disable=g-import-not-at-top
     from recursive_lm.kernels import native  # pylint: disable=g-import-not-at-top
     from recursive_lm.kernels.panel import MAX_NATIVE_ROWS  # pylint: disable=g-import-not-at-top
     if (batch is not None and batch <= MAX_NATIVE_ROWS and jax.default_backend() == "cpu"
         and native.load()):
-      return Engine(self.cfg, self.params, kernel_layout="panel", fuse=True)
+      return Engine(self.cfg, self.params, kernel_layout="panel", fuse=True,
+                    weights=weights)
     if batch == 1:
-      return Engine(self.cfg, self.params, kernel_layout="out_in", fuse=True)
-    return Engine(self.cfg, self.params)
+      return Engine(self.cfg, self.params, kernel_layout="out_in", fuse=True,
+                    weights=weights)
+    return Engine(self.cfg, self.params, weights=weights)
 
 
 def load(spec: str | None = None) -> LoadedModel:
