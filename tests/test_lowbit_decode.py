@@ -258,3 +258,22 @@ def test_tiny_fixture_bf16_decode_matches_transformers_bf16():
   err_ours, err_hf = np.abs(ours - f32).max() / scale, np.abs(hf_logits - f32).max() / scale
   assert err_ours < 0.02 and np.abs(ours - hf_logits).max() / scale < err_hf + 0.02
   assert (ours.argmax(-1) == hf_logits.argmax(-1)).mean() > 0.9
+
+
+@pytest.mark.slow
+def test_embedded_model_bf16_greedy_matches_f32():
+  """SmolLM2-135M: bf16 panels give f32's greedy tokens on the reference prompts
+  (first 32 new tokens)."""
+  import json
+  from recursive_lm import api
+  with open(os.path.join(FIX, "smollm2_reference.json")) as f:
+    ref = json.load(f)
+  prompts = [ref["prompt"]["ids"], ref["chat"]["ids"]]
+  m = api.load()
+  cfg = m.cfg.replace(eos_id=None)
+  f32 = Engine(cfg, m.params, kernel_layout="panel", fuse=True)
+  want = f32.generate(prompts, 32, stop_at_eos=False).tokens
+  del f32
+  got = Engine(cfg, m.params, kernel_layout="panel", fuse=True, weights="bf16").generate(
+      prompts, 32, stop_at_eos=False).tokens
+  assert got == want

@@ -21,7 +21,7 @@
 #include <memory>
 #include <vector>
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -90,6 +90,16 @@ struct F32Panels {
 // f32 in registers (exact) and the scale is applied once, at the end.
 typedef int8_t v16c __attribute__((vector_size(16), aligned(1)));
 
+// 16 int8 -> 16 f32 (exact). GCC scalarizes __builtin_convertvector from int8,
+// so AVX-512 uses the sign-extending load (vpmovsxbd) and vcvtdq2ps directly.
+inline v16 WidenInt8(const int8_t* p) {
+#if defined(__AVX512F__)
+  return (v16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+#else
+  return __builtin_convertvector(*(const v16c*)p, v16);
+#endif
+}
+
 struct Int8Panels {
   F32Panels out;   // x, y, K, N (w unused)
   const int8_t* w;  // [P, K, 32]
@@ -102,8 +112,8 @@ struct Int8Panels {
     v16 lo[R], hi[R];
     for (int r = 0; r < R; ++r) lo[r] = hi[r] = (v16){};
     for (int64_t k = 0; k < K; ++k) {
-      const v16 w0 = __builtin_convertvector(*(const v16c*)(wp + k * kPanel), v16);
-      const v16 w1 = __builtin_convertvector(*(const v16c*)(wp + k * kPanel + 16), v16);
+      const v16 w0 = WidenInt8(wp + k * kPanel);
+      const v16 w1 = WidenInt8(wp + k * kPanel + 16);
       for (int r = 0; r < R; ++r) {
         const float s = xr[r * K + k];
         lo[r] += s * w0;
