@@ -1,17 +1,26 @@
-"""Decode throughput of the engine vs transformers, as a fraction of the memory roofline.
+"""Decode throughput of the engine vs llama.cpp and transformers, as a fraction
+of each weight format's memory roofline, with held-out perplexity per format.
 
     python experiments/bench_decode.py                  # embedded SmolLM2-135M
-    python experiments/bench_decode.py --batches=1,8 --runs=5
+    python experiments/bench_decode.py --batches=1,8 --runs=5 --weights=f32,bf16,int8
+    python experiments/bench_decode.py --layouts=in_out,panel+fused --weights=f32
 
-For each batch size: prompt of 32 tokens, 128 new tokens, greedy, float32,
-median over ``--runs`` runs after a warm-up. Roofline: decoding one step
-reads every weight once (f32), so ``steps/s <= bandwidth / weight_bytes``;
+For each batch size: prompt of 32 tokens, 128 new tokens, greedy, median over
+``--runs`` runs after a warm-up. Engines are ``layout:weights`` pairs (int8
+only with panel layouts). Roofline: decoding one step reads every streamed
+weight once in its own format (the embedding table, of which a step gathers
+B rows, excluded when the head has its own copy), so
+``steps/s <= bandwidth / streamed_bytes``;
 the bandwidth is the read rate of a 1 GiB array (best of 3 reads by XLA's sum
 and by a native streaming read), probed right before every timed run because
 this machine's bandwidth drifts by 20-50% over minutes; each run is set
 against its own roofline and the median fraction is reported.
-transformers (the ``peer`` extra)
-runs on the same weights and thread count when installed. Writes
+llama.cpp (llama-cpp-python, the ``llamacpp`` extra) runs on the embedded
+GGUF (Q4_1) with the same thread count, interleaved with the engines, when
+installed; transformers (the ``peer`` extra) on the same f32 weights. The
+held-out perplexity of each format is measured on the pydoc corpus
+validation split (``--ppl_batches`` x ``--ppl_batch`` x ``--ppl_seq_len``
+tokens). Writes
 ``results/bench_decode.json`` and ``results/bench_decode.md``.
 """
 from __future__ import annotations
@@ -31,11 +40,26 @@ flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
 flags.DEFINE_integer("prompt_len", 32, "Prompt tokens.")
 flags.DEFINE_integer("new_tokens", 128, "New tokens.")
 flags.DEFINE_integer("runs", 5, "Timed runs per setting (median reported).")
-flags.DEFINE_list("layouts", ["in_out", "out_in+fused", "panel", "panel+fused"],
+flags.DEFINE_list("layouts", ["panel+fused"],
                   "Engine kernel layouts to try (in_out, out_in: XLA dots; panel: the "
                   "native kernel of recursive_lm/kernels; +fused: concatenated q/k/v, "
                   "gate/up).")
-flags.DEFINE_bool("peer", True, "Also time transformers if installed.")
+flags.DEFINE_list("weights", ["f32", "bf16", "int8"],
+                  "Weight formats (nn.model.decode_layout); int8 runs on panel layouts only.")
+flags.DEFINE_bool("peer", False, "Also time transformers if installed.")
+flags.DEFINE_bool("llamacpp", True, "Also time llama.cpp on the GGUF if llama-cpp-python "
+                  "is installed.")
+flags.DEFINE_integer("threads", 2, "llama.cpp threads (the machine's cores).")
+flags.DEFINE_integer("ppl_batches", 4, "Held-out perplexity batches per format (0: skip).")
+flags.DEFINE_integer("ppl_batch", 4, "Sequences per perplexity batch.")
+flags.DEFINE_integer("ppl_seq_len", 256, "Tokens per perplexity sequence.")
+flags.DEFINE_bool("ppl_only", False, "Only measure the perplexities (no timing; run it "
+                  "under the shared lock) into <out>/bench_decode_ppl.json, which a timed "
+                  "run with --ppl_batches=0 puts in its table.")
+flags.DEFINE_string("compile_cache", os.path.join(os.path.expanduser("~"), ".cache",
+                                                  "recursive_lm", "jax"),
+                    "JAX persistent compilation cache ('' for none): a warm-up run fills "
+                    "it so the timed run spends its exclusive time timing.")
 flags.DEFINE_string("out", "results", "Output folder.")
 
 
@@ -103,33 +127,143 @@ class BandwidthProbe:
     return best
 
 
-def bench_engines(m, batch: int, layouts, probe: BandwidthProbe) -> list[dict]:
-  """Times each layout; runs are interleaved so machine noise hits all alike."""
+def engine_names() -> list[str]:
+  return [f"{lay}:{w}" for lay in FLAGS.layouts for w in FLAGS.weights
+          if w != "int8" or lay.startswith("panel")]
+
+
+def make_engines(m) -> dict:
   from recursive_lm.decode.engine import Engine
-  engines = {lay: Engine(m.cfg.replace(eos_id=None), m.params,
-                        kernel_layout=lay.split("+")[0], fuse=lay.endswith("+fused"))
-             for lay in layouts}
-  prompts = [[(17 * i + 3 * j) % 1000 + 100 for j in range(FLAGS.prompt_len)]
-             for i in range(batch)]
-  for eng in engines.values():
-    eng.generate(prompts, FLAGS.new_tokens, stop_at_eos=False)  # warm-up / compile
-  step_s = {lay: [] for lay in layouts}
-  total = {lay: [] for lay in layouts}
-  bw = {lay: [] for lay in layouts}
-  for _ in range(FLAGS.runs):
-    for lay, eng in engines.items():
-      bw[lay].append(probe())
+  return {name: Engine(m.cfg.replace(eos_id=None), m.params,
+                       kernel_layout=name.split("+")[0].split(":")[0],
+                       fuse="+fused" in name, weights=name.split(":")[1])
+          for name in engine_names()}
+
+
+def streamed_bytes(params) -> int:
+  """Bytes one decode step reads: every weight, less the embedding table when
+  the head has its own copy (the step gathers only B rows of the table)."""
+  import jax
+  total = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+  if "lm_head" in params:
+    total -= params["embed"]["embedding"].nbytes
+  return int(total)
+
+
+def prompts_for(batch: int) -> list[list[int]]:
+  return [[(17 * i + 3 * j) % 1000 + 100 for j in range(FLAGS.prompt_len)]
+          for i in range(batch)]
+
+
+class LlamaCpp:
+  """llama.cpp on a GGUF through llama-cpp-python's low-level API: greedy
+  decoding of ``batch`` sequences at once (one llama_decode per step, one
+  sequence id per row), on ``FLAGS.threads`` threads."""
+
+  def __init__(self, gguf: str, batch: int):
+    import llama_cpp
+    import numpy as np
+    self.np, self.lc, self.batch = np, llama_cpp, batch
+    n_ctx = batch * (FLAGS.prompt_len + FLAGS.new_tokens + 8)
+    from llama_cpp import _internals
+    n_batch = max(512, batch * FLAGS.prompt_len)
+    self.llm = llama_cpp.Llama(model_path=gguf, n_threads=FLAGS.threads,
+                               n_threads_batch=FLAGS.threads, n_ctx=64, verbose=False)
+    # Llama() makes a one-sequence context; decoding `batch` sequences needs its own.
+    cp = llama_cpp.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, n_batch, n_batch, batch
+    cp.n_threads = cp.n_threads_batch = FLAGS.threads
+    cp.kv_unified = True
+    self._context = _internals.LlamaContext(model=self.llm._model, params=cp,  # pylint: disable=protected-access
+                                            verbose=False)
+    self.ctx = self._context.ctx
+    self.vocab = self.llm.n_vocab()
+    self.version = f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
+    self.cbatch = llama_cpp.llama_batch_init(batch * FLAGS.prompt_len, 0, batch)
+
+  def _decode(self, rows):
+    """rows: (token, position, sequence, want_logits) -> logits of the wanted rows."""
+    b = self.cbatch
+    for i, (tok, pos, seq, want) in enumerate(rows):
+      b.token[i], b.pos[i], b.n_seq_id[i] = tok, pos, 1
+      b.seq_id[i][0], b.logits[i] = seq, want
+    b.n_tokens = len(rows)
+    if self.lc.llama_decode(self.ctx, b) != 0:
+      raise RuntimeError("llama_decode failed")
+    out = []
+    for i, row in enumerate(rows):
+      if row[3]:
+        ptr = self.lc.llama_get_logits_ith(self.ctx, i)
+        out.append(self.np.ctypeslib.as_array(ptr, shape=(self.vocab,)))
+    return out
+
+  def generate(self):
+    """(decode seconds per step, prefill + decode seconds)."""
+    mem = self.lc.llama_get_memory(self.ctx)
+    self.lc.llama_memory_clear(mem, True)
+    t0 = time.perf_counter()
+    rows = [(tok, j, i, j == FLAGS.prompt_len - 1)
+            for i, p in enumerate(prompts_for(self.batch)) for j, tok in enumerate(p)]
+    logits = self._decode(rows)
+    t1 = time.perf_counter()
+    for step in range(FLAGS.new_tokens):
+      toks = [int(self.np.argmax(l)) for l in logits]
+      logits = self._decode([(t, FLAGS.prompt_len + step, i, True)
+                             for i, t in enumerate(toks)])
+    t2 = time.perf_counter()
+    return (t2 - t1) / FLAGS.new_tokens, t2 - t0
+
+
+def bench_engines(m, engines: dict, batch: int, probe: BandwidthProbe,
+                  llamacpp: "LlamaCpp | None") -> list[dict]:
+  """Times each engine (and llama.cpp); runs are interleaved so machine noise
+  hits all alike."""
+  prompts = prompts_for(batch)
+  runners = {}
+  for name, eng in engines.items():
+    def run(eng=eng):
       o = eng.generate(prompts, FLAGS.new_tokens, stop_at_eos=False)
-      step_s[lay].append(o.decode_seconds / o.steps)
-      total[lay].append(o.prefill_seconds + o.decode_seconds)
+      return o.decode_seconds / o.steps, o.prefill_seconds + o.decode_seconds
+    runners[f"recursive_lm ({name})"] = run
+  if llamacpp is not None:
+    runners[llamacpp.version] = llamacpp.generate
+  for run in runners.values():
+    run()  # warm-up / compile
+  step_s = {n: [] for n in runners}
+  total = {n: [] for n in runners}
+  bw = {n: [] for n in runners}
+  for _ in range(FLAGS.runs):
+    for n, run in runners.items():
+      bw[n].append(probe())
+      s, t = run()
+      step_s[n].append(s)
+      total[n].append(t)
   out = []
-  for lay in layouts:
-    s = statistics.median(step_s[lay])
-    out.append({"engine": f"recursive_lm ({lay})", "batch": batch,
+  for n in runners:
+    s = statistics.median(step_s[n])
+    out.append({"engine": n, "batch": batch,
                 "tokens_per_s": batch / s, "step_ms": s * 1e3,
                 "end_to_end_tokens_per_s":
-                    batch * FLAGS.new_tokens / statistics.median(total[lay]),
-                "runs": [batch / x for x in step_s[lay]], "run_bandwidth_GBps": bw[lay]})
+                    batch * FLAGS.new_tokens / statistics.median(total[n]),
+                "runs": [batch / x for x in step_s[n]], "run_bandwidth_GBps": bw[n]})
+  return out
+
+
+def perplexities(m, engines: dict) -> dict:
+  """Held-out perplexity of each engine's weights (pydoc validation split)."""
+  if FLAGS.ppl_batches <= 0:
+    return {}
+  from recursive_lm import evaluation
+  from recursive_lm.data.pipeline import eval_batches
+  from recursive_lm.data.sources import make_source
+  tok = m.tokenizer
+  val = eval_batches(make_source("pydoc", "validation"), tok.encode, tok.eos_id,
+                     FLAGS.ppl_seq_len, FLAGS.ppl_batch, FLAGS.ppl_batches)
+  out = {}
+  for name, eng in engines.items():
+    r = evaluation.heldout_perplexity(eng.cfg, eng.params, val)
+    out[name] = r
+    print(f"perplexity {name:24s} {r['ppl']:.4f} ({r['n_tokens']} tokens)", flush=True)
   return out
 
 
@@ -172,19 +306,47 @@ def bench_transformers(m, batch: int, probe: BandwidthProbe) -> dict | None:
 
 def main(_):
   import jax
+  if FLAGS.compile_cache:
+    jax.config.update("jax_compilation_cache_dir", FLAGS.compile_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   from recursive_lm import api
+  from recursive_lm.checkpoints import resolve_preset
   from recursive_lm.kernels import status as native_status
-  from recursive_lm.nn.model import param_count
   m = api.load(FLAGS.model)
-  weight_bytes = param_count(m.params) * 4
+  engines = make_engines(m)
+  ppl_path = os.path.join(FLAGS.out, "bench_decode_ppl.json")
+  if FLAGS.ppl_only:
+    os.makedirs(FLAGS.out, exist_ok=True)
+    ppl = perplexities(m, engines)
+    with open(ppl_path, "w") as f:
+      json.dump({"command": "python " + " ".join(sys.argv),
+                 "date": time.strftime("%Y-%m-%d %H:%M"),
+                 "tokens": FLAGS.ppl_batches * FLAGS.ppl_batch * FLAGS.ppl_seq_len,
+                 "perplexity": ppl}, f, indent=1)
+    return
+  bytes_of = {f"recursive_lm ({n})": streamed_bytes(e.params) for n, e in engines.items()}
+  weight_bytes = bytes_of.get("recursive_lm (panel+fused:f32)", max(bytes_of.values()))
 
   def bandwidth(when):
     bw = measure_bandwidth()
     print(f"memory read bandwidth ({when}): {bw['bandwidth_GBps']:.1f} GB/s "
           f"(numpy {bw['numpy_sum_GBps']:.1f}, XLA {bw['xla_sum_GBps']:.1f}, native "
-          f"{bw.get('native_stream_GBps', float('nan')):.1f}); weights "
-          f"{weight_bytes / 1e6:.0f} MB f32", flush=True)
+          f"{bw.get('native_stream_GBps', float('nan')):.1f}); streamed bytes per step: "
+          + ", ".join(f"{n} {b / 1e6:.0f} MB" for n, b in bytes_of.items()), flush=True)
     return bw
+
+  gguf = None
+  if FLAGS.llamacpp:
+    try:
+      import llama_cpp  # noqa: F401 pylint: disable=unused-import
+      gguf = resolve_preset(FLAGS.model)
+    except ImportError:
+      print("llama-cpp-python not installed (pip install '.[llamacpp]'): no llama.cpp rows")
+  if gguf:
+    import gguf as gguf_lib
+    reader = gguf_lib.GGUFReader(gguf)
+    bytes_of["llama.cpp"] = int(sum(t.n_bytes for t in reader.tensors))  # streamed ~ all
+    del reader
 
   # The full measurement (three readers) before and after, for the record; the
   # roofline of each run uses the probe taken right before it.
@@ -192,52 +354,78 @@ def main(_):
   probe = BandwidthProbe()
   rows = []
   for b in map(int, FLAGS.batches):
-    res = bench_engines(m, b, FLAGS.layouts, probe)
+    llamacpp = None
+    if gguf:
+      try:
+        llamacpp = LlamaCpp(gguf, b)
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"llama.cpp at batch {b} unavailable: {e}")
+    res = bench_engines(m, engines, b, probe, llamacpp)
+    del llamacpp
     if FLAGS.peer:
       peer = bench_transformers(m, b, probe)
       if peer:
         res.append(peer)
     for r in res:
-      per_run = [tps * weight_bytes / (b * g * 1e9)
+      nbytes = next((v for k, v in bytes_of.items() if r["engine"].startswith(k)),
+                    weight_bytes)
+      r["streamed_bytes"] = nbytes
+      per_run = [tps * nbytes / (b * g * 1e9)
                  for tps, g in zip(r["runs"], r["run_bandwidth_GBps"])]
       r["fraction_of_roofline"] = statistics.median(per_run)
       r["roofline_tokens_per_s"] = (b * statistics.median(r["run_bandwidth_GBps"]) * 1e9
-                                    / weight_bytes)
+                                    / nbytes)
       print(f"batch {b:2d} {r['engine']:55s} {r['tokens_per_s']:7.1f} tok/s "
-            f"({r['fraction_of_roofline']:.0%} of roofline, bandwidth "
+            f"({r['fraction_of_roofline']:.0%} of its roofline, bandwidth "
             f"{min(r['run_bandwidth_GBps']):.1f}-{max(r['run_bandwidth_GBps']):.1f} GB/s)",
             flush=True)
       rows.append(r)
   bws.append(bandwidth("after"))
+  ppl = perplexities(m, engines)
+  ppl_note = ""
+  if not ppl and os.path.exists(ppl_path):
+    with open(ppl_path) as f:
+      saved = json.load(f)
+    ppl = saved["perplexity"]
+    ppl_note = f" (from `{saved['command']}` on {saved['date']}, {saved['tokens']} tokens)"
   run_bw = [g for r in rows for g in r["run_bandwidth_GBps"]]
   bw = {"before_after": bws, "runs_min_GBps": min(run_bw), "runs_max_GBps": max(run_bw),
         "runs_median_GBps": statistics.median(run_bw)}
   os.makedirs(FLAGS.out, exist_ok=True)
   meta = {"command": "python " + " ".join(sys.argv), "model": m.cfg.name,
-          "weight_bytes": weight_bytes, "bandwidth": bw, "prompt_len": FLAGS.prompt_len,
+          "streamed_bytes": bytes_of, "bandwidth": bw, "prompt_len": FLAGS.prompt_len,
           "new_tokens": FLAGS.new_tokens, "runs": FLAGS.runs, "jax": jax.__version__,
           "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-          "native_kernels": native_status(),
+          "native_kernels": native_status(), "perplexity": ppl, "perplexity_source": ppl_note,
+          "perplexity_tokens": (FLAGS.ppl_batches * FLAGS.ppl_batch * FLAGS.ppl_seq_len),
           "date": time.strftime("%Y-%m-%d %H:%M")}
   with open(os.path.join(FLAGS.out, "bench_decode.json"), "w") as f:
     json.dump({"meta": meta, "rows": rows}, f, indent=1)
-  lines = [f"Decode throughput, {m.cfg.name}, f32, prompt {FLAGS.prompt_len}, "
-           f"{FLAGS.new_tokens} new tokens, greedy, median of {FLAGS.runs} runs; weights "
-           f"{weight_bytes / 1e6:.0f} MB. Memory bandwidth probed before every run: "
+  f32_ppl = next((v["ppl"] for k, v in ppl.items() if k.endswith(":f32")), None)
+  lines = [f"Decode throughput, {m.cfg.name}, prompt {FLAGS.prompt_len}, "
+           f"{FLAGS.new_tokens} new tokens, greedy, median of {FLAGS.runs} interleaved runs. "
+           f"Memory bandwidth probed before every run: "
            f"{bw['runs_min_GBps']:.1f}-{bw['runs_max_GBps']:.1f} GB/s (median "
            f"{bw['runs_median_GBps']:.1f}); fraction = median over runs of tokens/s "
-           "over that run's roofline; roofline column at the median bandwidth of the "
-           "row's runs.",
+           "over that run's roofline for the row's own streamed bytes per step; roofline "
+           "column at the median bandwidth of the row's runs. Perplexity: pydoc "
+           f"validation split" + (ppl_note or f", {meta['perplexity_tokens']} tokens") + ".",
            f"Made by `{meta['command']}` on {meta['date']}; {meta['native_kernels']}.", "",
-           "| batch | engine | new tokens/s | roofline tokens/s | fraction | x transformers |",
-           "|---|---|---|---|---|---|"]
-  peer_tps = {r["batch"]: r["tokens_per_s"] for r in rows
-              if r["engine"].startswith("transformers")}
+           "| batch | engine | MB per step | new tokens/s | roofline tokens/s | fraction "
+           "| x llama.cpp | held-out ppl |",
+           "|---|---|---|---|---|---|---|---|"]
+  ref_tps = {r["batch"]: r["tokens_per_s"] for r in rows
+             if r["engine"].startswith("llama.cpp")}
   for r in rows:
-    vs = (f"{r['tokens_per_s'] / peer_tps[r['batch']]:.2f}x" if r["batch"] in peer_tps
+    vs = (f"{r['tokens_per_s'] / ref_tps[r['batch']]:.2f}x" if r["batch"] in ref_tps
           else "-")
-    lines.append(f"| {r['batch']} | {r['engine']} | {r['tokens_per_s']:.1f} | "
-                 f"{r['roofline_tokens_per_s']:.1f} | {r['fraction_of_roofline']:.0%} | {vs} |")
+    name = r["engine"][len("recursive_lm ("):-1] if r["engine"].startswith("recursive_lm") else ""
+    p = ppl.get(name)
+    pp = "-" if p is None else (f"{p['ppl']:.3f}" + (
+        f" ({p['ppl'] / f32_ppl - 1:+.2%})" if f32_ppl and not name.endswith(":f32") else ""))
+    lines.append(f"| {r['batch']} | {r['engine']} | {r['streamed_bytes'] / 1e6:.0f} | "
+                 f"{r['tokens_per_s']:.1f} | {r['roofline_tokens_per_s']:.1f} | "
+                 f"{r['fraction_of_roofline']:.0%} | {vs} | {pp} |")
   with open(os.path.join(FLAGS.out, "bench_decode.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))

@@ -75,30 +75,35 @@ class LoadedModel:
     """Drops the cached engines (and their device weight copies)."""
     self._engines.clear()
 
-  def engine(self, batch: int | None = None) -> Engine:
-    """The (cached) ``Engine`` in the fastest layout for ``batch`` rows."""
+  def engine(self, batch: int | None = None, weights: str = "f32") -> Engine:
+    """The (cached) ``Engine`` in the fastest layout for ``batch`` rows;
+    ``weights``: "f32" | "bf16" | "int8" (int8 needs the native panel kernel),
+    see ``nn.model.decode_layout``."""
     layout, fuse = self.decode_layout(batch)
     return self.cached_engine(
-        ("engine", layout, fuse),
-        lambda: Engine(self.cfg, self.params, kernel_layout=layout, fuse=fuse))
+        ("engine", layout, fuse, weights),
+        lambda: Engine(self.cfg, self.params, kernel_layout=layout, fuse=fuse,
+                       weights=weights))
 
   def early_exit_engine(self, batch: int | None = None, **options):
     """A cached ``decode.early_exit.EarlyExitEngine`` (``options``: its keyword
     arguments, e.g. ``policy="calm", threshold=0.8``)."""
     from recursive_lm.decode.early_exit import EarlyExitEngine  # pylint: disable=g-import-not-at-top
     layout, fuse = self.decode_layout(batch)
-    key = ("early_exit", layout, fuse, _options_key(options))
+    weights = options.pop("weights", "f32")
+    key = ("early_exit", layout, fuse, weights, _options_key(options))
     return self.cached_engine(key, lambda: EarlyExitEngine(
-        self.cfg, self.params, kernel_layout=layout, fuse=fuse, **options))
+        self.cfg, self.params, kernel_layout=layout, fuse=fuse, weights=weights, **options))
 
   def speculative_engine(self, batch: int | None = None, **options):
     """A cached ``decode.speculative.SelfSpeculativeEngine`` (``options``:
     ``draft_layers``/``draft_loops``/``draft_len``)."""
     from recursive_lm.decode.speculative import SelfSpeculativeEngine  # pylint: disable=g-import-not-at-top
     layout, fuse = self.decode_layout(batch)
-    key = ("speculative", layout, fuse, _options_key(options))
+    weights = options.pop("weights", "f32")
+    key = ("speculative", layout, fuse, weights, _options_key(options))
     return self.cached_engine(key, lambda: SelfSpeculativeEngine(
-        self.cfg, self.params, kernel_layout=layout, fuse=fuse, **options))
+        self.cfg, self.params, kernel_layout=layout, fuse=fuse, weights=weights, **options))
 
 
 def _options_key(options: dict) -> tuple:

@@ -209,7 +209,7 @@ class EarlyExitEngine:
                schedule: str = "fixed", position_temp: float = 4.0,
                adaptive_config: BetaMixtureConfig | None = None, meta_params=None,
                eos_id: int | None = None, pad_id: int | None = None,
-               kernel_layout: str | None = None, fuse: bool = False):
+               kernel_layout: str | None = None, fuse: bool = False, weights: str = "f32"):
     if policy not in POLICIES:
       raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if schedule not in SCHEDULES:
@@ -258,7 +258,7 @@ class EarlyExitEngine:
       if oracle not in ORACLES:
         raise ValueError(f"oracle must be one of {ORACLES}, got {oracle!r}")
       self.spec = CalmSpec(self.exits, rule, kv, oracle)
-    cfg, params = decode_layout(cfg, params, kernel_layout, fuse)
+    cfg, params = decode_layout(cfg, params, kernel_layout, fuse, weights=weights)
     self.cfg, self.params = cfg, params
     self.policy, self.schedule, self.position_temp = policy, schedule, float(position_temp)
     self.threshold = float(threshold)

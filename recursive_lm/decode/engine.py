@@ -302,8 +302,9 @@ class Engine:
 
   def __init__(self, cfg: ModelConfig, params, eos_id: int | None = None,
                pad_id: int | None = None, kernel_layout: str | None = None,
-               fuse: bool = False):
-    cfg, params = decode_layout(cfg, params, kernel_layout, fuse)
+               fuse: bool = False, weights: str = "f32"):
+    # weights: "f32" | "bf16" | "int8", see nn.model.decode_layout.
+    cfg, params = decode_layout(cfg, params, kernel_layout, fuse, weights=weights)
     self.cfg = cfg
     self.params = params
     self.model = Transformer(cfg)

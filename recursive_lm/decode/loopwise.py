@@ -126,7 +126,7 @@ class LoopwiseServer:
                lockstep: bool = False, eos_id: int | None = None,
                pad_id: int | None = None, prefill_chunk: int = 32,
                prefill_rows: Sequence[int] | None = None, head_rows: int | None = None,
-               kernel_layout: str | None = None, fuse: bool = False):
+               kernel_layout: str | None = None, fuse: bool = False, weights: str = "f32"):
     check_recursive(cfg, "depth-wise batching" if not lockstep else
                     "the sequence-wise early-exit baseline")
     if slots < 1:
@@ -138,7 +138,7 @@ class LoopwiseServer:
                        f"its block {cfg.plan.loops} times; give one probability per loop")
     if prefill_chunk < 1:
       raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-    cfg, params = decode_layout(cfg, params, kernel_layout, fuse)
+    cfg, params = decode_layout(cfg, params, kernel_layout, fuse, weights=weights)
     self.cfg, self.params, self.slots, self.exit = cfg, params, int(slots), exit
     self.lockstep = bool(lockstep)
     self.model = Transformer(cfg)

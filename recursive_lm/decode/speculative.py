@@ -147,12 +147,12 @@ class SelfSpeculativeEngine:
   def __init__(self, cfg: ModelConfig, params, draft_layers: int | None = None,
                draft_loops: int | None = None, draft_len: int = 4,
                eos_id: int | None = None, pad_id: int | None = None,
-               kernel_layout: str | None = None, fuse: bool = False):
+               kernel_layout: str | None = None, fuse: bool = False, weights: str = "f32"):
     if draft_len < 1:
       raise ValueError(f"draft_len must be >= 1, got {draft_len}")
     self.draft_layers = resolve_draft_layers(cfg, draft_layers, draft_loops)
     self.draft_len = int(draft_len)
-    cfg, params = decode_layout(cfg, params, kernel_layout, fuse)
+    cfg, params = decode_layout(cfg, params, kernel_layout, fuse, weights=weights)
     self.cfg, self.params = cfg, params
     self.model = Transformer(cfg)
     self.eos_id, self.pad_id = token_ids(cfg, eos_id, pad_id)

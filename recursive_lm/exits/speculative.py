@@ -106,7 +106,7 @@ class ExitSpeculativeEngine:
                confidence: str = "maxprob", shortlist_size: int | None = None,
                min_draft: int = 0,
                eos_id: int | None = None, pad_id: int | None = None,
-               kernel_layout: str | None = "panel", fuse: bool = True,
+               kernel_layout: str | None = "panel", fuse: bool = True, weights: str = "f32",
                check_model: bool = True):
     if mode not in MODES:
       raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -137,7 +137,7 @@ class ExitSpeculativeEngine:
     self.meta = ({k: jnp.asarray(v, jnp.float32) for k, v in exits.meta[exit_layer].items()}
                  if confidence == "meta" else None)
     self.norm_scale = jnp.asarray(params["final_norm"]["scale"], jnp.float32)
-    cfg, params = decode_layout(cfg, params, kernel_layout, fuse)
+    cfg, params = decode_layout(cfg, params, kernel_layout, fuse, weights=weights)
     self.cfg, self.params = cfg, params
     self.panel = cfg.kernel_layout == "panel"
     self.ws = to_panels(ws.T) if self.panel else ws

@@ -21,6 +21,10 @@
 #include <memory>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -40,11 +44,19 @@ inline void CpuRelax() {
 #endif
 }
 
-// Rows [0, R) of y, panels [p0, p1).
-template <int R>
-void PanelRows(const float* x, int64_t K, const float* w, float* y, int64_t N,
-               int64_t p0, int64_t p1) {
-  for (int64_t p = p0; p < p1; ++p) {
+// One panel p for rows [0, R) of each weight format. Each kernel is a small
+// struct holding its operands; Run<R>(r0, p) computes rows [r0, r0 + R) of
+// panel p, and Panels() below walks the row groups.
+
+// float32 panels [P, K, 32].
+struct F32Panels {
+  const float* x;  // [M, K]
+  const float* w;  // [P, K, 32]
+  float* y;        // [M, N]
+  int64_t K, N;
+  template <int R>
+  void Run(int64_t r0, int64_t p) const {
+    const float* xr = x + r0 * K;
     const float* wp = w + p * K * kPanel;
     v16 lo[R], hi[R];
     for (int r = 0; r < R; ++r) lo[r] = hi[r] = (v16){};
@@ -52,36 +64,163 @@ void PanelRows(const float* x, int64_t K, const float* w, float* y, int64_t N,
       const v16 w0 = *(const v16u*)(wp + k * kPanel);
       const v16 w1 = *(const v16u*)(wp + k * kPanel + 16);
       for (int r = 0; r < R; ++r) {
-        const float s = x[r * K + k];
+        const float s = xr[r * K + k];
         lo[r] += s * w0;
         hi[r] += s * w1;
       }
     }
+    Store<R>(lo, hi, r0, p, nullptr);
+  }
+  template <int R>
+  void Store(const v16* lo, const v16* hi, int64_t r0, int64_t p, const float* scale) const {
+    v16 s0 = (v16){} + 1.f, s1 = s0;
+    if (scale) {
+      s0 = *(const v16u*)(scale + p * kPanel);
+      s1 = *(const v16u*)(scale + p * kPanel + 16);
+    }
     for (int r = 0; r < R; ++r) {
-      *(v16u*)(y + r * N + p * kPanel) = lo[r];
-      *(v16u*)(y + r * N + p * kPanel + 16) = hi[r];
+      *(v16u*)(y + (r0 + r) * N + p * kPanel) = lo[r] * s0;
+      *(v16u*)(y + (r0 + r) * N + p * kPanel + 16) = hi[r] * s1;
     }
   }
+};
+
+// int8 weight-only panels [P, K, 32] with one f32 scale per output column:
+// y[r, n] = scale[n] * sum_k x[r, k] q[k, n]. Each weight row is widened to
+// f32 in registers (exact) and the scale is applied once, at the end.
+typedef int8_t v16c __attribute__((vector_size(16), aligned(1)));
+
+// 16 int8 -> 16 f32 (exact). GCC scalarizes __builtin_convertvector from int8,
+// so AVX-512 uses the sign-extending load (vpmovsxbd) and vcvtdq2ps directly.
+inline v16 WidenInt8(const int8_t* p) {
+#if defined(__AVX512F__)
+  return (v16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+#else
+  return __builtin_convertvector(*(const v16c*)p, v16);
+#endif
 }
 
+struct Int8Panels {
+  F32Panels out;   // x, y, K, N (w unused)
+  const int8_t* w;  // [P, K, 32]
+  const float* scale;  // [P * 32]
+  template <int R>
+  void Run(int64_t r0, int64_t p) const {
+    const int64_t K = out.K;
+    const float* xr = out.x + r0 * K;
+    const int8_t* wp = w + p * K * kPanel;
+    v16 lo[R], hi[R];
+    for (int r = 0; r < R; ++r) lo[r] = hi[r] = (v16){};
+    for (int64_t k = 0; k < K; ++k) {
+      const v16 w0 = WidenInt8(wp + k * kPanel);
+      const v16 w1 = WidenInt8(wp + k * kPanel + 16);
+      for (int r = 0; r < R; ++r) {
+        const float s = xr[r * K + k];
+        lo[r] += s * w0;
+        hi[r] += s * w1;
+      }
+    }
+    out.Store<R>(lo, hi, r0, p, scale);
+  }
+};
+
+// bfloat16 panels [P, K, 32] with input rows paired: for j < K/2 the 64 values
+// at [2j, 2j+2) hold (w[2j, n], w[2j+1, n]) for n = 0..31, adjacent (the order
+// AVX-512 BF16 dot products read); an odd last row is stored plainly. The
+// activations are rounded to bf16 once per call (as in a bf16 XLA dot), products
+// are exact in f32 and sums are f32. With AVX-512 BF16 (vdpbf16ps, chosen at
+// build time from the CPU flags) one instruction does 32 multiply-adds; else
+// each pair is widened to f32 in registers (a shift and a mask).
+typedef uint32_t v16w __attribute__((vector_size(64)));
+typedef uint32_t v16wu __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t v16h __attribute__((vector_size(32), aligned(2)));
+
+inline v16 AsFloat(v16w b) {
+  v16 f;
+  __builtin_memcpy(&f, &b, sizeof(f));
+  return f;
+}
+
+inline uint32_t FloatBits(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+// f32 -> nearest bf16 (ties to even), as the high 16 bits of a u32; NaN stays NaN.
+inline uint32_t RoundToBf16Bits(float f) {
+  uint32_t u = FloatBits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (u | 0x00400000u) & 0xffff0000u;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return u & 0xffff0000u;
+}
+
+struct Bf16Panels {
+  F32Panels out;          // x (bf16-rounded, as f32), y, K, N
+  const uint32_t* pairs;  // [M, K/2]: (x[2j] | x[2j+1] << 16) in bf16
+  const uint16_t* w;      // [P, K, 32], paired as above
+  template <int R>
+  void Run(int64_t r0, int64_t p) const {
+    const int64_t K = out.K, H = K / 2;
+    const uint16_t* wp = w + p * K * kPanel;
+    v16 lo[R], hi[R];
+    for (int r = 0; r < R; ++r) lo[r] = hi[r] = (v16){};
+#if defined(__AVX512BF16__)
+    const uint32_t* xp = pairs + r0 * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp + j * 2 * kPanel);
+      const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wp + j * 2 * kPanel + kPanel);
+      for (int r = 0; r < R; ++r) {
+        const __m512bh s = (__m512bh)_mm512_set1_epi32((int)xp[r * H + j]);
+        lo[r] = (v16)_mm512_dpbf16_ps((__m512)lo[r], w0, s);
+        hi[r] = (v16)_mm512_dpbf16_ps((__m512)hi[r], w1, s);
+      }
+    }
+#else
+    const float* xr = out.x + r0 * K;
+    const v16w high = (v16w){} + 0xffff0000u;
+    for (int64_t j = 0; j < H; ++j) {
+      const v16w a = *(const v16wu*)(wp + j * 2 * kPanel);
+      const v16w b = *(const v16wu*)(wp + j * 2 * kPanel + kPanel);
+      const v16 a0 = AsFloat(a << 16), a1 = AsFloat(a & high);
+      const v16 b0 = AsFloat(b << 16), b1 = AsFloat(b & high);
+      for (int r = 0; r < R; ++r) {
+        const float s0 = xr[r * K + 2 * j], s1 = xr[r * K + 2 * j + 1];
+        lo[r] += s0 * a0 + s1 * a1;
+        hi[r] += s0 * b0 + s1 * b1;
+      }
+    }
+#endif
+    if (K % 2) {  // the plain last row
+      const uint16_t* t = wp + (K - 1) * kPanel;
+      const v16 t0 = AsFloat(__builtin_convertvector(*(const v16h*)t, v16w) << 16);
+      const v16 t1 = AsFloat(__builtin_convertvector(*(const v16h*)(t + 16), v16w) << 16);
+      for (int r = 0; r < R; ++r) {
+        const float s = out.x[(r0 + r) * K + K - 1];
+        lo[r] += s * t0;
+        hi[r] += s * t1;
+      }
+    }
+    out.Store<R>(lo, hi, r0, p, nullptr);
+  }
+};
+
 // All M rows for panels [p0, p1), in groups of 8 rows. The row groups are the
-// inner loop: a panel (K x 32 floats, 72 KiB at K = 576) comes from memory once
-// and stays in L2 for the next group.
-void Panels(const float* x, int64_t M, int64_t K, const float* w, float* y,
-            int64_t N, int64_t p0, int64_t p1) {
+// inner loop: a panel (K x 32 weights, 72 KiB in f32 at K = 576) comes from
+// memory once and stays in L2 for the next group.
+template <typename Kernel>
+void Panels(const Kernel& kern, int64_t M, int64_t p0, int64_t p1) {
   for (int64_t p = p0; p < p1; ++p) {
     for (int64_t r0 = 0; r0 < M; r0 += 8) {
-      const float* xr = x + r0 * K;
-      float* yr = y + r0 * N;
       switch (M - r0 < 8 ? M - r0 : 8) {
-        case 1: PanelRows<1>(xr, K, w, yr, N, p, p + 1); break;
-        case 2: PanelRows<2>(xr, K, w, yr, N, p, p + 1); break;
-        case 3: PanelRows<3>(xr, K, w, yr, N, p, p + 1); break;
-        case 4: PanelRows<4>(xr, K, w, yr, N, p, p + 1); break;
-        case 5: PanelRows<5>(xr, K, w, yr, N, p, p + 1); break;
-        case 6: PanelRows<6>(xr, K, w, yr, N, p, p + 1); break;
-        case 7: PanelRows<7>(xr, K, w, yr, N, p, p + 1); break;
-        default: PanelRows<8>(xr, K, w, yr, N, p, p + 1); break;
+        case 1: kern.template Run<1>(r0, p); break;
+        case 2: kern.template Run<2>(r0, p); break;
+        case 3: kern.template Run<3>(r0, p); break;
+        case 4: kern.template Run<4>(r0, p); break;
+        case 5: kern.template Run<5>(r0, p); break;
+        case 6: kern.template Run<6>(r0, p); break;
+        case 7: kern.template Run<7>(r0, p); break;
+        default: kern.template Run<8>(r0, p); break;
       }
     }
   }
@@ -136,9 +275,54 @@ ffi::Error PanelMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (M == 0) return ffi::Error::Success();
   // About 8 chunks per thread: fine enough to balance, coarse enough that the
   // counter is not contended.
-  ParallelFor(pool, P, 8, [=](int64_t p0, int64_t p1) {
-    Panels(xp, M, K, wp, yp, P * kPanel, p0, p1);
-  });
+  const F32Panels kern{xp, wp, yp, K, P * kPanel};
+  ParallelFor(pool, P, 8, [=](int64_t p0, int64_t p1) { Panels(kern, M, p0, p1); });
+  return ffi::Error::Success();
+}
+
+ffi::Error PanelMatmulInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> scale,
+                           ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || wd[2] != kPanel || wd[1] != xd[1] ||
+      scale.element_count() != wd[0] * kPanel) {
+    return ffi::Error::InvalidArgument(
+        "recursive_lm_panel_matmul_int8: expected x [M, K], w [P, K, 32], scale [P*32]");
+  }
+  const int64_t M = xd[0], K = xd[1], P = wd[0];
+  if (M == 0) return ffi::Error::Success();
+  const Int8Panels kern{{x.typed_data(), nullptr, y->typed_data(), K, P * kPanel},
+                        w.typed_data(), scale.typed_data()};
+  ParallelFor(pool, P, 8, [=](int64_t p0, int64_t p1) { Panels(kern, M, p0, p1); });
+  return ffi::Error::Success();
+}
+
+ffi::Error PanelMatmulBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || wd[2] != kPanel || wd[1] != xd[1]) {
+    return ffi::Error::InvalidArgument(
+        "recursive_lm_panel_matmul_bf16: expected x [M, K] and w [P, K, 32]");
+  }
+  const int64_t M = xd[0], K = xd[1], P = wd[0], H = K / 2;
+  if (M == 0) return ffi::Error::Success();
+  // The activations rounded to bf16, once: as f32 values and as packed pairs.
+  std::vector<float> rounded(M * K);
+  std::vector<uint32_t> pairs(M * H);
+  const float* xs = x.typed_data();
+  for (int64_t i = 0; i < M * K; ++i) {
+    const uint32_t b = RoundToBf16Bits(xs[i]);
+    __builtin_memcpy(&rounded[i], &b, sizeof(b));
+  }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < H; ++j)
+      pairs[m * H + j] = (FloatBits(rounded[m * K + 2 * j]) >> 16) |
+                         (FloatBits(rounded[m * K + 2 * j + 1]) & 0xffff0000u);
+  const Bf16Panels kern{{rounded.data(), nullptr, y->typed_data(), K, P * kPanel},
+                        pairs.data(), w.typed_data()};
+  ParallelFor(pool, P, 8, [=](int64_t p0, int64_t p1) { Panels(kern, M, p0, p1); });
   return ffi::Error::Success();
 }
 
@@ -295,6 +479,31 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecursiveLmPanelMatmul, PanelMatmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecursiveLmPanelMatmulBf16, PanelMatmulBf16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecursiveLmPanelMatmulInt8, PanelMatmulInt8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// 1 when the bf16 panel kernel uses AVX-512 BF16 dot products, 0 when it
+// widens to f32 (read by native.py for its status line).
+extern "C" int RecursiveLmBf16DotProducts() {
+#if defined(__AVX512BF16__)
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RecursiveLmCacheAttention, CacheAttention,
                               ffi::Ffi::Bind()

@@ -29,9 +29,18 @@ import jax
 SOURCE = os.path.join(os.path.dirname(__file__), "cpu_kernels.cc")
 # XLA FFI target name -> exported handler symbol.
 TARGETS = {"recursive_lm_panel_matmul": "RecursiveLmPanelMatmul",
-           "recursive_lm_cache_attention": "RecursiveLmCacheAttention"}
-PANEL_MATMUL, CACHE_ATTENTION = TARGETS
+           "recursive_lm_cache_attention": "RecursiveLmCacheAttention",
+           "recursive_lm_panel_matmul_bf16": "RecursiveLmPanelMatmulBf16",
+           "recursive_lm_panel_matmul_int8": "RecursiveLmPanelMatmulInt8"}
+PANEL_MATMUL, CACHE_ATTENTION, PANEL_MATMUL_BF16, PANEL_MATMUL_INT8 = TARGETS
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+# Extra compiler flags, e.g. "-mno-avx512bf16" to build the bf16 kernel's
+# widening path on a CPU with AVX-512 BF16 (tests); part of the cache key.
+EXTRA_FLAGS_ENV = "RECURSIVE_LM_KERNEL_FLAGS"
+
+
+def _flags() -> tuple[str, ...]:
+  return FLAGS + tuple(os.environ.get(EXTRA_FLAGS_ENV, "").split())
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -57,7 +66,7 @@ def library_path(compiler: str) -> str:
   h = hashlib.sha256()
   with open(SOURCE, "rb") as f:
     h.update(f.read())
-  for part in (compiler, " ".join(FLAGS), jaxlib.__version__, _cpu_fingerprint()):
+  for part in (compiler, " ".join(_flags()), jaxlib.__version__, _cpu_fingerprint()):
     h.update(part.encode())
   return os.path.join(cache_dir(), f"cpu_kernels-{h.hexdigest()[:16]}.so")
 
@@ -84,7 +93,7 @@ def build(compiler: str | None = None) -> str:
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
   os.close(fd)
   try:
-    cmd = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), "-o", tmp, SOURCE]
+    cmd = [compiler, *_flags(), "-I", jax.ffi.include_dir(), "-o", tmp, SOURCE]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
       raise RuntimeError(f"building {os.path.basename(SOURCE)} failed ({' '.join(cmd)}):\n"
@@ -110,6 +119,7 @@ def load() -> bool:
         for target, symbol in TARGETS.items():
           jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
                                       platform="cpu")
+        _state["bf16_dot"] = bool(lib.RecursiveLmBf16DotProducts())
         ok = True
       except (RuntimeError, OSError, AttributeError) as e:
         why = str(e)
@@ -121,7 +131,15 @@ def load() -> bool:
 
 def status() -> str:
   """One line saying whether the native kernels are in use, and why not."""
-  return "native CPU kernels: " + ("on" if load() else f"off ({_state['why']})")
+  if not load():
+    return f"native CPU kernels: off ({_state['why']})"
+  return "native CPU kernels: on (bf16 panels: " + (
+      "AVX-512 BF16 dot products)" if _state.get("bf16_dot") else "widened to f32)")
+
+
+def bf16_dot_products() -> bool:
+  """True when the bf16 panel kernel was built with AVX-512 BF16 (vdpbf16ps)."""
+  return load() and bool(_state.get("bf16_dot"))
 
 
 def _reset_for_tests():

@@ -134,7 +134,7 @@ class Linear(nn.Module):
   # "in_out" stores [in, out] (training default); "out_in" stores [out, in],
   # which makes batch-1 decoding a row-major GEMV (measured 30.5 vs 22.9 GB/s);
   # "panel" stores [ceil(out/32), in, 32] for the native decode matmul
-  # (recursive_lm.kernels.panel).
+  # (recursive_lm.kernels.panel), in float32, bfloat16 or int8 (+ scales).
   layout: str = "in_out"
 
   @nn.compact
@@ -150,7 +150,15 @@ class Linear(nn.Module):
       kernel = param_with_axes(self, "kernel", nn.initializers.normal(0.02),
                                (panels_for(self.features), x.shape[-1], PANEL),
                                (self.axes[1], self.axes[0], None), self.param_dtype)
-      y = panel_matmul(x, kernel.astype(self.dtype), self.features)
+      # The weight format is the kernel's dtype (decode_layout(weights=...)):
+      # bf16 and int8 panels go to the kernel as they are; int8 also has a
+      # per-output-column "kernel_scale" [P * 32].
+      scale = (self.get_variable("params", "kernel_scale")
+               if self.has_variable("params", "kernel_scale") else None)
+      if kernel.dtype in (jnp.bfloat16, jnp.int8):
+        y = panel_matmul(x, kernel, self.features, scale=scale).astype(self.dtype)
+      else:
+        y = panel_matmul(x, kernel.astype(self.dtype), self.features)
     else:
       kernel = param_with_axes(self, "kernel", nn.initializers.normal(0.02),
                                (x.shape[-1], self.features), self.axes, self.param_dtype)

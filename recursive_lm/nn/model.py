@@ -279,10 +279,27 @@ def fuse_projections(cfg: ModelConfig, params):
 
 
 def decode_layout(cfg: ModelConfig, params, kernel_layout: str | None = None,
-                  fuse: bool = False):
+                  fuse: bool = False, weights: str = "f32"):
   """(cfg, params) for a decode engine: kernels in ``kernel_layout`` (None keeps
   them) and, with ``fuse``, q/k/v and gate/up concatenated; host arrays are
-  moved to the device once. Every engine takes these two options."""
+  moved to the device once. Every engine takes these options.
+
+  ``weights`` is the format the weights are stored and streamed in:
+  "f32"; "bf16" (panel layout: bf16 panels read by the native kernel with f32
+  sums, norms, residual stream and KV cache staying f32; other layouts: the
+  same model with ``dtype`` and ``param_dtype`` bfloat16, for XLA on other
+  platforms); "int8" (panel layout only: int8 panels with a per-output-column
+  scale ``kernel_scale``, quantized here from the f32/bf16 weights, the LM head
+  included). With bf16 or int8 panels the embedding table, which decoding only
+  gathers B rows from, is kept in bf16.
+  """
+  from recursive_lm.kernels import panel as P  # pylint: disable=g-import-not-at-top
+  if weights not in P.WEIGHT_FORMATS:
+    raise ConfigError(f"weights={weights!r} is not one of {'|'.join(P.WEIGHT_FORMATS)}")
+  layout = kernel_layout or cfg.kernel_layout
+  if weights == "int8" and layout != "panel":
+    raise ConfigError("int8 weights are read by the native panel kernel: pass "
+                      "kernel_layout='panel' (or use weights='bf16')")
   # Host (numpy) leaves would be copied to the device on every jitted call
   # (the embedded model's embedding table: 113 MB per generate call).
   params = jax.tree_util.tree_map(
@@ -293,7 +310,41 @@ def decode_layout(cfg: ModelConfig, params, kernel_layout: str | None = None,
     cfg, params = to_kernel_layout(cfg, params, kernel_layout)
   if fuse:
     cfg, params = fuse_projections(cfg, params)
-  return cfg, params
+  if weights == "f32":
+    return cfg, params
+  if layout != "panel":  # bf16 XLA model
+    cast = lambda x: (x.astype(jnp.bfloat16)
+                      if jnp.issubdtype(x.dtype, jnp.floating) else x)
+    return (cfg.replace(dtype="bfloat16", param_dtype="bfloat16"),
+            jax.tree_util.tree_map(cast, params))
+  return cfg, _panels_in_format(params, weights)
+
+
+def _panels_in_format(params, weights: str):
+  """Panel kernels (float [P, in, 32]) -> bf16 paired panels or int8 panels +
+  ``kernel_scale``; the embedding table -> bf16. bf16 panels are re-encoded
+  from their values; int8 panels are kept."""
+  from recursive_lm.kernels import panel as P  # pylint: disable=g-import-not-at-top
+
+  def walk(tree, key=None):
+    if not isinstance(tree, dict):
+      if key == "embedding" and jnp.issubdtype(tree.dtype, jnp.floating):
+        return tree.astype(jnp.bfloat16)
+      return tree
+    out = {}
+    for k, v in tree.items():
+      if (k == "kernel" and not isinstance(v, dict) and v.ndim == 3
+          and v.shape[-1] == P.PANEL and jnp.issubdtype(v.dtype, jnp.floating)):
+        plain = P.dequantized_panels(v)  # bf16 panels are paired; others plain
+        if weights == "bf16":
+          out[k] = P._pair_rows(plain.astype(jnp.bfloat16))  # pylint: disable=protected-access
+        else:
+          out[k], out["kernel_scale"] = P.int8_panels_from_panels(plain)
+      elif k not in out:
+        out[k] = walk(v, k)
+    return out
+
+  return walk(params)
 
 
 def param_count(params) -> int:
