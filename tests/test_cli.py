@@ -70,6 +70,8 @@ BAD_INPUTS = {
                             "--prompt", "x"], "exclude each other"),
     "bad threshold": (["generate", "--early_exit", "free", "--threshold", "2",
                        "--prompt", "x"], "--threshold must be a number in (0, 1]"),
+    "unknown weight format": (["generate", "--weights", "fp8", "--prompt", "x"],
+                              "--weights"),
     "missing task file": (["eval", "--tasks", "{d}/nope.jsonl"], "not found"),
     "convert without out": (["convert"], "needs --out"),
 }
@@ -239,7 +241,9 @@ def tiny_with_tokenizer(tmp_path_factory):
 
 @pytest.mark.parametrize("decoder", [[], ["--early_exit", "calm", "--threshold", "0.5"],
                                      ["--early_exit", "free"],
-                                     ["--speculative", "--draft_loops", "1"]])
+                                     ["--speculative", "--draft_loops", "1"],
+                                     ["--weights", "bf16"],
+                                     ["--weights", "bf16", "--early_exit", "free"]])
 def test_generate_json(tiny_with_tokenizer, capsys, decoder):
   assert main("generate", "--model", tiny_with_tokenizer, "--prompt", "Hello there",
               "--prompt", "Once", "--max_new_tokens", "5", "--json", *decoder) == 0
