@@ -106,6 +106,23 @@ class LoadedModel:
         self.cfg, self.params, kernel_layout=layout, fuse=fuse, weights=weights, **options))
 
 
+  def exit_speculative_engine(self, batch: int | None = None, weights: str = "f32",
+                              artifact: str | None = None, **overrides):
+    """A cached lossless ``exits.speculative.ExitSpeculativeEngine``: drafts with an
+    early layer + a trained exit module (``artifact``: default, the one shipped
+    for the embedded SmolLM2), verifies with the full model; greedy only.
+    Raises ``ExitArtifactError`` (one line naming the fix) when the artifact is
+    missing, truncated or made for another model."""
+    from recursive_lm.exits.speculative import from_artifact  # pylint: disable=g-import-not-at-top
+    layout, fuse = self.decode_layout(batch)
+    if layout is None:
+      layout, fuse = "in_out", False
+    key = ("exit_speculative", layout, fuse, weights, artifact, _options_key(overrides))
+    return self.cached_engine(key, lambda: from_artifact(
+        self.cfg, self.params, artifact, kernel_layout=layout, fuse=fuse, weights=weights,
+        **overrides))
+
+
 def _options_key(options: dict) -> tuple:
   def freeze(v):
     if isinstance(v, (list, tuple)):
@@ -201,7 +218,8 @@ def load(spec: str | os.PathLike | None = None, compile_cache: bool = True) -> L
 # -- generate / score -------------------------------------------------------------
 def generate(model: LoadedModel, prompts: str | Sequence[str], max_new_tokens: int = 64,
              sampling: SamplingConfig = SamplingConfig(), seed: int = 0, chat: bool = False,
-             engine: Any = None) -> tuple[str | list[str], GenerateOutput]:
+             engine: Any = None, speculative: bool = False
+             ) -> tuple[str | list[str], GenerateOutput]:
   """Generates text; returns ``(texts, output)``.
 
   Args:
@@ -215,6 +233,10 @@ def generate(model: LoadedModel, prompts: str | Sequence[str], max_new_tokens: i
     engine: an engine to decode with (``Engine``, ``EarlyExitEngine``,
       ``SelfSpeculativeEngine``, e.g. ``model.early_exit_engine(...)``);
       default: the model's cached ``Engine`` for this batch size.
+    speculative: decode with the model's exit-module self-speculation
+      (``model.exit_speculative_engine``; lossless, greedy only). Raises
+      ``ExitArtifactError`` when no valid exit artifact matches the model; it
+      never falls back silently.
 
   ``output`` has the new token ids per row and ``prefill_seconds`` /
   ``decode_seconds`` / ``tokens_per_second``.
@@ -234,8 +256,17 @@ def generate(model: LoadedModel, prompts: str | Sequence[str], max_new_tokens: i
   if chat:
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
   ids = [tok.encode(p) for p in prompts]
+  from recursive_lm.exits.speculative import ExitSpeculativeEngine  # pylint: disable=g-import-not-at-top
+  if speculative and engine is None:
+    engine = model.exit_speculative_engine(len(ids))
   engine = engine or model.engine(len(ids))
-  out = engine.generate(ids, max_new_tokens, sampling=sampling, seed=seed)
+  if isinstance(engine, ExitSpeculativeEngine):
+    if not sampling.greedy:
+      raise ValueError("exit-module self-speculation is greedy only; drop the sampling "
+                       "options or use the plain engine")
+    out = engine.generate(ids, max_new_tokens)
+  else:
+    out = engine.generate(ids, max_new_tokens, sampling=sampling, seed=seed)
   texts = [tok.decode([t for t in row if t != engine.eos_id], skip_special_tokens=False)
            for row in out.tokens]
   return (texts[0] if single else texts), out

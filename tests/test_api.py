@@ -182,3 +182,17 @@ print(json.dumps(stats.now()))
     runs.append(json.loads(lines[1]))
   assert runs[0]["misses"] > 0
   assert runs[1]["hits"] >= 2 and runs[1]["misses"] == 0, runs
+
+
+@pytest.mark.slow
+def test_generate_speculative_with_the_shipped_exit_artifact_equals_plain_greedy():
+  import recursive_lm as rlm  # pylint: disable=g-import-not-at-top
+  m = rlm.load()
+  prompts = ["The capital of Germany is", "A Python list comprehension"]
+  plain, _ = rlm.generate(m, prompts, max_new_tokens=24)
+  spec, out = rlm.generate(m, prompts, max_new_tokens=24, speculative=True)
+  assert spec == plain
+  assert type(out).__name__ == "ExitDecodeOutput" and out.drafted >= 0
+  with pytest.raises(ValueError, match="greedy only"):
+    from recursive_lm.decode.sampling import SamplingConfig  # pylint: disable=g-import-not-at-top
+    rlm.generate(m, "Hi", 4, sampling=SamplingConfig(greedy=False), speculative=True)

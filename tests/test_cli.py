@@ -287,3 +287,18 @@ def test_score_eval_bench(tiny_with_tokenizer, tmp_path, capsys):
   r = json.loads(capsys.readouterr().out)
   assert r["median_decode_tokens_per_s"] > 0 and len(r["runs"]) == 2
   assert json.loads((tmp_path / "b.json").read_text())["batch"] == 2
+
+
+def test_speculative_with_a_mismatched_exit_artifact_is_one_line_error(tiny_with_tokenizer,
+                                                                       capsys):
+  """--speculative asked explicitly never falls back to plain decoding: the shipped
+  artifact was made for SmolLM2-135M, not this tiny model."""
+  assert main("generate", "--model", tiny_with_tokenizer, "--prompt", "Hi",
+              "--speculative", "--max_new_tokens", "3") == 2
+  err = capsys.readouterr().err
+  assert "Traceback" not in err
+  last = err.strip().splitlines()[-1]   # after the "loaded ..." log line: the one error line
+  assert "artifact" in last and "train_exits" in last
+  assert main("generate", "--model", tiny_with_tokenizer, "--prompt", "Hi",
+              "--speculative", "--nogreedy", "--max_new_tokens", "3") == 2
+  assert "greedy only" in capsys.readouterr().err

@@ -100,9 +100,15 @@ def define_decoder(fv: flags.FlagValues):
                     "15 (free) or 8,16,24 (calm); default: after each loop.", flag_values=fv)
   flags.DEFINE_enum("schedule", "fixed", ["fixed", "decaying"],
                     "Early exit (calm): fixed or CALM's decaying threshold.", flag_values=fv)
-  flags.DEFINE_bool("speculative", False, "Self-speculative decoding (SelfSpeculativeEngine): "
-                    "draft with the first layers, verify with the full model.",
+  flags.DEFINE_bool("speculative", False, "Lossless self-speculative decoding: with "
+                    "--draft_layers/--draft_loops, draft with the first layers "
+                    "(SelfSpeculativeEngine); without them, draft with a trained exit "
+                    "module (--exit_artifact; default: the one shipped for SmolLM2-135M; "
+                    "greedy only).",
                     flag_values=fv)
+  flags.DEFINE_string("exit_artifact", None, "Speculative: exit-module artifact folder "
+                      "(recursive_lm.exits; default: the shipped SmolLM2 artifact).",
+                      flag_values=fv)
   flags.DEFINE_integer("draft_layers", None, "Speculative: draft depth in unrolled layers.",
                        flag_values=fv)
   flags.DEFINE_integer("draft_loops", None, "Speculative: draft with this many loops of the "
@@ -153,6 +159,12 @@ def weight_format(fv, model, batch: int) -> str:
 def decoder_engine(fv, model, batch: int):
   """The engine the decoder flags ask for (cached on the model)."""
   weights = weight_format(fv, model, batch)
+  if fv.speculative and fv.draft_layers is None and fv.draft_loops is None:
+    if not getattr(fv, "greedy", True):
+      raise UserError("--speculative without --draft_layers/--draft_loops drafts with a "
+                      "trained exit module and is greedy only; drop --nogreedy or pass "
+                      "--draft_layers N")
+    return model.exit_speculative_engine(batch, weights=weights, artifact=fv.exit_artifact)
   if fv.speculative:
     return model.speculative_engine(batch, draft_layers=fv.draft_layers,
                                     draft_loops=fv.draft_loops, draft_len=fv.draft_len,
