@@ -47,6 +47,19 @@ def test_chunked_prefill_and_small_head_equal_engine(model):
   assert out.prefill_passes == sum(-(-len(p) // 4) for p in PROMPTS)
 
 
+def test_xla_depth_attention_equals_engine(model, monkeypatch):
+  """Without the native all-depth read (bf16 or no compiler: XLA's gather of each
+  row's own depth) the server still gives Engine's tokens."""
+  from recursive_lm.decode import loopwise_block  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(loopwise_block, "native_depth_attention", lambda cfg: False)
+  cfg, params = model
+  eng = Engine(cfg, params)
+  ref = [eng.generate([p], max_new_tokens=N_NEW).tokens[0] for p in PROMPTS[:4]]
+  out = LoopwiseServer(cfg, params, slots=2, prefill_chunk=4).generate(PROMPTS[:4],
+                                                                        max_new_tokens=N_NEW)
+  assert out.tokens == ref
+
+
 def test_forced_depths_loopwise_equals_lockstep(model):
   cfg, params = model
   rule = ForcedDepth.uniform(3, seed=1)

@@ -90,7 +90,8 @@ def _attend(cfg: ModelConfig, q: Array, ck: Array, cv: Array, loop: Array, pos: 
   if not native_depth_attention(cfg):
     rows = jnp.arange(p)
     mask = visible[:, None, None, None, :]
-    return L.attend_cache(q, ck[loop, rows], cv[loop, rows], mask, dt)
+    out = L.attend_cache(q, ck[loop, rows], cv[loop, rows], mask, dt)   # [P, 1, H*Dh]
+    return out.reshape(p, h * dh)                                         # as the native path
   own = jnp.arange(n, dtype=jnp.int32)[:, None] == loop[None, :]            # [N, P]
   mask = jnp.where(own[:, :, None], visible[None], (slots == 0)[None, None])  # [N, P, S]
   qf = q.reshape(p, hkv, g, dh).reshape(1, p * hkv, g, dh)
