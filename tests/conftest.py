@@ -3,6 +3,9 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# No persistent compilation cache in tests (api.load() would otherwise turn it on
+# for the whole worker process); tests of the cache set the variable themselves.
+os.environ.setdefault("RECURSIVE_LM_COMPILE_CACHE", "0")
 
 import jax  # noqa: E402
 

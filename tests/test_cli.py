@@ -23,7 +23,9 @@ TINY = os.path.join(ROOT, "tests", "fixtures", "tiny_llama")
 
 
 def rlm(*args, env=None, timeout=120):
-  e = dict(os.environ, RECURSIVE_LM_COMPILE_CACHE="0", **(env or {}))
+  e = dict(os.environ)
+  e["RECURSIVE_LM_COMPILE_CACHE"] = "0"
+  e.update(env or {})
   e.pop("XLA_FLAGS", None)
   return subprocess.run([sys.executable, "-m", "recursive_lm", *args], cwd=ROOT, env=e,
                         capture_output=True, text=True, timeout=timeout)

@@ -161,7 +161,8 @@ def test_exported_model_decodes_with_mor_engine(reference):
   out = MoREngine(cfg, params).generate(prompts, max_new_tokens=4, stop_at_eos=False)
   model = Transformer(cfg)
   for p, new, dep in zip(prompts, out.tokens, out.depths):
-    assert len(new) == 4 and all(1 <= d <= cfg.plan.loops for d in dep)
+    # The last token is emitted, never fed back: it has no recursion depth (0).
+    assert len(new) == 4 and all(1 <= d <= cfg.plan.loops for d in dep[:-1]) and dep[-1] == 0
     full = model.apply({"params": params}, jnp.asarray([p + new]), routing="threshold")
     np.testing.assert_array_equal(
         np.asarray(jnp.argmax(full["logits"][0], -1))[len(p) - 1:-1], new)

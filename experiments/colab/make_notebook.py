@@ -97,7 +97,7 @@ import numpy as np
 from recursive_lm import api, evaluation
 from recursive_lm.checkpoints import load_checkpoint
 from recursive_lm.configs import uptrain_smollm2
-from recursive_lm.data import eval_batches, make_source
+from recursive_lm.data import make_source, sharded_eval_batches
 from recursive_lm.recursive import convert, describe
 from recursive_lm.training import metrics as rlm_metrics
 from recursive_lm.training import trainer
@@ -151,8 +151,8 @@ Held-out perplexity on the validation split of the embedded Python-docs corpus
 accuracy on the small task files in `experiments/tasks/`."""),
     ("code", """\
 tok = teacher.tokenizer
-val = eval_batches(make_source("pydoc", "validation"), tok.encode, tok.eos_id, SEQ_LEN,
-                   BATCH, EVAL_BATCHES)
+val = sharded_eval_batches(make_source("pydoc", "validation"), tok.encode, tok.eos_id,
+                           SEQ_LEN, BATCH, EVAL_BATCHES)
 limit = TASK_LIMIT or None
 scores = {}
 
