@@ -10,3 +10,16 @@ os.environ.setdefault("RECURSIVE_LM_COMPILE_CACHE", "0")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+  """XLA optimisations off for one test module: tiny models compile faster.
+  Use it with ``pytestmark = pytest.mark.usefixtures("fast_compile")``."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
