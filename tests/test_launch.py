@@ -174,12 +174,18 @@ def test_local_launcher_starts_a_real_multi_process_jax(tmp_path):
       "import sys, jax, jax.numpy as jnp\n"
       "from jax.experimental import multihost_utils as mu\n"
       "x = mu.process_allgather(jnp.asarray(jax.process_index()))\n"
-      "print('TOPO', jax.process_index(), jax.process_count(), jax.local_device_count(),"
-      " jax.device_count(), x.tolist(), sys.argv[1:])\n")
+      # One write per line: the launcher merges each process's stderr into its
+      # stdout and runs it unbuffered, so a multi-argument print (one write per
+      # argument) can be split by a native log line written to fd 2 meanwhile.
+      "line = ' '.join(map(str, ['TOPO', jax.process_index(), jax.process_count(),"
+      " jax.local_device_count(), jax.device_count(), x.tolist(), sys.argv[1:]]))\n"
+      "sys.stdout.write(line + '\\n'); sys.stdout.flush()\n")
   r = _launch(["--local_processes=2", "--local_devices=3", str(script), "--a=1"], tmp_path)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  lines = r.stdout.splitlines()
   for p in (0, 1):
-    assert f"[p{p}] TOPO {p} 2 3 6 [0, 1] ['--a=1']" in r.stdout
+    want = f"TOPO {p} 2 3 6 [0, 1] ['--a=1']"
+    assert any(l.startswith(f"[p{p}] ") and want in l for l in lines), r.stdout[-3000:]
   assert "[launcher] process 1: exit code 0" in r.stdout
 
 
