@@ -71,6 +71,9 @@ flags.DEFINE_string("compile_cache", "/tmp/rlm_bench_engines_jax_cache",
                     "JAX persistent compilation cache ('' = off): compile once with "
                     "--compile_only under a shared lock, then time under flock -x.")
 flags.DEFINE_bool("compile_only", False, "Build and warm up every engine, time nothing.")
+flags.DEFINE_bool("merge", False, "Merge into the existing <out>/bench_engines.json: rows "
+                  "of the (model, batch) pairs run now replace the stored ones, the rest "
+                  "stay (split a long grid into runs of < 8 min each).")
 
 F32 = 4
 
@@ -403,9 +406,12 @@ def bench_batch(model: Model, batch: int, layout: dict, families) -> list[dict]:
   return rows
 
 
-def to_markdown(rows, meta) -> str:
+def to_markdown(rows, meta, runs=None) -> str:
+  runs = runs or [meta]
+  cmds = [f"* `{u['command']}` ({u['date']})" for u in runs]
   out = [f"# Forced-exit benchmark ({meta['date']})", "",
-         f"Command: `{meta['command']}`", "",
+         "Commands (each run times its (model, batch) pairs; `--merge` joins them):", "",
+         *cmds, "",
          f"Machine: {meta['machine']}; layout {meta['layout']}; {meta['new_tokens']} new "
          f"tokens, {meta['prompt_len']}-token prompts, median of {meta['repeats']} "
          "interleaved runs. ratio = tokens/s over the full-depth policy of the same "
@@ -453,11 +459,34 @@ def main(_):
     return
   os.makedirs(FLAGS.out, exist_ok=True)
   stem = os.path.join(FLAGS.out, "bench_engines" + (f"_{FLAGS.tag}" if FLAGS.tag else ""))
+  runs = [dict(meta, models=list(FLAGS.models), batches=[int(b) for b in FLAGS.batches])]
+  if FLAGS.merge and os.path.exists(stem + ".json"):
+    rows, runs = merge_rows(stem + ".json", rows, runs)
   with open(stem + ".json", "w") as f:
-    json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    json.dump({"meta": meta, "runs": runs, "rows": rows}, f, indent=1)
   with open(stem + ".md", "w") as f:
-    f.write(to_markdown(rows, meta))
-  print(f"wrote {stem}.json / .md")
+    f.write(to_markdown(rows, meta, runs))
+  print(f"wrote {stem}.json / .md ({len(rows)} rows)")
+
+
+_MODEL_ORDER = {"vanilla": 0, "loops2": 1, "loops3": 2}
+_FAMILY_ORDER = {"full": 0, "free": 1, "calm": 2, "spec": 3}
+
+
+def merge_rows(path: str, new_rows: list, new_runs: list) -> tuple[list, list]:
+  """Stored rows of other (model, batch) pairs + the new rows, in table order;
+  the runs that still contribute a row, then the new run."""
+  with open(path) as f:
+    old = json.load(f)
+  done = {(r["model"], r["batch"]) for r in new_rows}
+  kept = [r for r in old.get("rows", []) if (r["model"], r["batch"]) not in done]
+  rows = kept + new_rows
+  rows.sort(key=lambda r: (_MODEL_ORDER.get(r["model"], 9), r["model"], r["batch"],
+                           _FAMILY_ORDER.get(r["family"], 9)))  # stable within a family
+  left = {(r["model"], r["batch"]) for r in kept}
+  runs = [u for u in old.get("runs", [old.get("meta", {})])
+          if any((m, b) in left for m in u.get("models", []) for b in u.get("batches", []))]
+  return rows, runs + new_runs
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from recursive_lm.config import ModelConfig
 from recursive_lm.nn import unrolled as D
 from recursive_lm.decode.exit_rule import ExitRule
+from recursive_lm.decode.inplace import select_branch, when
 from recursive_lm.nn import layers as L
 from recursive_lm.nn.model import cache_length
 
@@ -132,61 +133,55 @@ def calm_step(cfg: ModelConfig, params, spec: CalmSpec, rule: ExitRule, cache,
   exit_layer0 = jnp.full((b,), cfg.plan.effective_depth, jnp.int32)
   exit_tab = jnp.asarray(exits, jnp.int32)
 
+  def conf_at(i, h, logits, prev_h, prev_logits):
+    lg = logits if use_logits else None
+    if i == 0:
+      return rule.confidence(h, lg, None, None)
+    return rule.confidence(h, lg, prev_h, prev_logits if use_logits else None)
+
   def segment(i):
-    def run(h, cache, und, dec, exit_layer):
-      h_new, cache = D.run_layers(cfg, params, starts[i], exits[i], h, pos[:, None], cache,
-                                  jnp.where(und, pos, s)[:, None])
+    """Segment i's layers on the undecided rows, its exit check and decision.
+    Runs only while some active row is undecided (``inplace.when``: the
+    cache is updated in place, never copied through a conditional)."""
+    def run(c):
+      seg, h, cache, und, sel, sel_h, idx, confs, prev_h, prev_logits = c
+      dec = active & ~und
+      exit_layer = jnp.where(dec, exit_tab[jnp.clip(idx, 0, n - 1)], exit_layer0)
       if i > 0:  # rows decided at an earlier exit: this segment's KV from their state
+        # (before the segment runs: the rows are disjoint, and a write after the
+        # segment's attention read the same buffer would make XLA copy it)
         fill = lambda c: fill_skipped(cfg, params, spec.kv, starts[i], exits[i], h, pos, c,
                                       jnp.where(dec, pos, s)[:, None], exit_layer)
-        cache = jax.lax.cond(jnp.any(dec), fill, lambda c: c, cache)
-      return h_new, cache
+        cache = when(jnp.any(dec), fill, cache)
+      h_new, cache = D.run_layers(cfg, params, starts[i], exits[i], h, pos[:, None], cache,
+                                  jnp.where(und, pos, s)[:, None])
+      h = jnp.where(und[:, None, None], h_new, h)
+      logits = D.head(cfg, params, h[:, 0]) if use_logits else logits0
+      cf = conf_at(i, h[:, 0], logits, prev_h, prev_logits)
+      last = i == n - 1
+      ok = rule.decide(i, cf, thr, forced)
+      if spec.rule == "per_row":
+        go = und & (ok | last)
+      else:
+        go = und & (jnp.all(ok | ~und) | last)
+      if use_logits:
+        sel = jnp.where(go[:, None], logits, sel)
+      sel_h = jnp.where(go[:, None], h[:, 0], sel_h)
+      idx = jnp.where(go, i, idx)
+      if not last:
+        confs = _record(confs, i, cf, und)
+      prev_h = jnp.where(und[:, None], h[:, 0], prev_h)
+      if use_logits:
+        prev_logits = jnp.where(und[:, None], logits, prev_logits)
+      return seg + 1, h, cache, und & ~go, sel, sel_h, idx, confs, prev_h, prev_logits
     return run
 
-  branches = [segment(i) for i in range(n)]
-
-  def conf_at(i):
-    def run(h, logits, prev_h, prev_logits):
-      lg = logits if use_logits else None
-      if i == 0:
-        return rule.confidence(h, lg, None, None)
-      return rule.confidence(h, lg, prev_h, prev_logits if use_logits else None)
-    return run
-
-  conf_branches = [conf_at(i) for i in range(n)]
-
-  def cond(c):
-    seg, und = c[0], c[3]
-    return (seg < n) & jnp.any(und)
-
-  def body(c):
-    seg, h, cache, und, sel, sel_h, idx, confs, prev_h, prev_logits = c
-    dec = active & ~und
-    exit_layer = jnp.where(dec, exit_tab[jnp.clip(idx, 0, n - 1)], exit_layer0)
-    h_new, cache = jax.lax.switch(seg, branches, h, cache, und, dec, exit_layer)
-    h = jnp.where(und[:, None, None], h_new, h)
-    logits = D.head(cfg, params, h[:, 0]) if use_logits else logits0
-    cf = jax.lax.switch(seg, conf_branches, h[:, 0], logits, prev_h, prev_logits)
-    last = seg == n - 1
-    ok = rule.decide(seg, cf, thr, forced)
-    if spec.rule == "per_row":
-      go = und & (ok | last)
-    else:
-      go = und & (jnp.all(ok | ~und) | last)
-    if use_logits:
-      sel = jnp.where(go[:, None], logits, sel)
-    sel_h = jnp.where(go[:, None], h[:, 0], sel_h)
-    idx = jnp.where(go, seg, idx)
-    confs = _record(confs, seg, cf, und & ~last)
-    prev_h = jnp.where(und[:, None], h[:, 0], prev_h)
-    if use_logits:
-      prev_logits = jnp.where(und[:, None], logits, prev_logits)
-    return seg + 1, h, cache, und & ~go, sel, sel_h, idx, confs, prev_h, prev_logits
-
-  c0 = (jnp.int32(0), h0, cache, active, logits0, h0[:, 0],
-        jnp.full((b,), n - 1, jnp.int32), jnp.full((b, n), jnp.nan, jnp.float32), h0[:, 0],
-        logits0)
-  seg, h, cache, _, sel, sel_h, idx, confs, _, _ = jax.lax.while_loop(cond, body, c0)
+  c = (jnp.int32(0), h0, cache, active, logits0, h0[:, 0],
+       jnp.full((b,), n - 1, jnp.int32), jnp.full((b, n), jnp.nan, jnp.float32), h0[:, 0],
+       logits0)
+  for i in range(n):
+    c = when(jnp.any(c[3]), segment(i), c)
+  seg, h, cache, _, sel, sel_h, idx, confs, _, _ = c
   if not use_logits:  # the one head per emitted token
     sel = D.head(cfg, params, sel_h)
 
@@ -194,16 +189,11 @@ def calm_step(cfg: ModelConfig, params, spec: CalmSpec, rule: ExitRule, cache,
   exit_layer = exit_tab[idx]
   slots = jnp.where(active, pos, s)[:, None]
 
-  def tail(j):
-    def run(h, cache):
-      if exits[j - 1] >= exits[-1]:
-        return cache
-      return fill_skipped(cfg, params, spec.kv, exits[j - 1], exits[-1], h, pos, cache,
-                          slots, exit_layer)
-    return run
+  def tail(j):  # segments [j, n) were not run
+    return lambda cache: fill_skipped(cfg, params, spec.kv, exits[j - 1], exits[-1], h, pos,
+                                      cache, slots, exit_layer)
 
-  cache = jax.lax.switch(jnp.clip(seg, 1, n) - 1, [tail(j) for j in range(1, n + 1)],
-                         h, cache)
+  cache = select_branch(seg - 1, [tail(j) for j in range(1, n)], cache)
   filled = jnp.sum(jnp.where(active, cfg.plan.effective_depth - exit_layer, 0))
   stats = {"kv_filled_layers": filled.astype(jnp.int32)}
   return sel, idx, confs, cache, state, stats

@@ -5,7 +5,7 @@ One decode step for every row of the batch:
 1. *Shallow step*: layers ``[0, e)`` on the new token (shallow KV is always
    complete), exit head, confidence ``c``.
 2. *Decision*: the row's token exits iff ``c >= threshold``.
-3. *Deferred deep pass* (``lax.cond``: skipped when no row needs it): layers
+3. *Deferred deep pass* (``inplace.when``: skipped when no row needs it): layers
    ``[e, L)`` on the chunk ``[pending; current]`` of ``K_max + 1`` queries per
    row, at the true absolute positions ``pos - pending_len + j``, writing exact
    deep KV for the valid rows ``j <= pending_len`` (the rest write nothing).
@@ -36,7 +36,7 @@ exit (it was confident). Counted in ``forced_syncs``.
 Chunk width: by default every deep pass runs ``K_max + 1`` queries per row
 (one compiled shape). ``buckets=(1, 2, 4, ..., K_max + 1)`` compiles one deep
 branch per width and picks the smallest width that holds the longest active
-``[pending; current]`` (``lax.switch``), so short flushes cost less compute.
+``[pending; current]`` (``inplace.select_branch``), so short flushes cost less compute.
 
 Adaptive threshold (FREE §2.1.5): at every deep pass, each active row with at
 least one pending token contributes its ``pending_len + 1`` pairs (shallow
@@ -57,6 +57,7 @@ import jax.numpy as jnp
 from recursive_lm.config import ModelConfig
 from recursive_lm.nn import unrolled as D
 from recursive_lm.decode.exit_rule import ExitRule
+from recursive_lm.decode.inplace import select_branch, when
 from recursive_lm.decode.sampling import argmax
 from recursive_lm.nn.model import cache_length
 from recursive_lm.early_exit.thresholds import (BetaMixtureConfig, BetaMixtureState,
@@ -84,7 +85,7 @@ class FreeSpec:
   @property
   def widths(self) -> tuple[int, ...]:
     """Compiled deep-chunk widths; the pass uses the smallest one holding every
-    active row's [pending; current] (``lax.switch``). Default: k_max + 1 only."""
+    active row's [pending; current] (``inplace.select_branch``). Default: k_max + 1 only."""
     return self.buckets or (self.k_max + 1,)
 
 
@@ -186,28 +187,28 @@ def free_step(cfg: ModelConfig, params, spec: FreeSpec, rule: ExitRule, cache,
   need = jnp.any(want_deep | (active & full))
 
   def go_deep(width):
-    def run(cache, bmm):
+    def run(carry):
+      _, cache, bmm = carry
       h_d, lg, cache, bmm = deep_pass(cfg, params, spec, cache, st._replace(bmm=bmm), h_e,
                                       conf, arg, pos, active, width,
                                       want_logits=shallow_head)
-      return (h_d, lg) if shallow_head else h_d, cache, bmm
+      return ((h_d, lg) if shallow_head else h_d), cache, bmm
     return run
 
-  def stay(cache, bmm):
-    z = jnp.zeros_like(h_e)
-    return ((z, jnp.zeros_like(logits_s)) if shallow_head else z), cache, bmm
-
+  # The deep pass runs in place on the cache (``inplace``: 0/1-trip loops; a
+  # lax.cond/switch would copy the deep layers' cache every step).
+  z = jnp.zeros_like(h_e)
+  carry = ((z, jnp.zeros_like(logits_s)) if shallow_head else z), cache, st.bmm
   widths = spec.widths
   if len(widths) == 1:
-    deep, cache, bmm = jax.lax.cond(need, go_deep(widths[0]), stay, cache, st.bmm)
+    deep, cache, bmm = when(need, go_deep(widths[0]), carry)
     width = jnp.where(need, widths[0], 0)
   else:
     longest = jnp.max(jnp.where(active, plen + 1, 1))
     bucket = jnp.searchsorted(jnp.asarray(widths, jnp.int32), longest)
-    branch = jnp.where(need, 1 + bucket, 0)
-    deep, cache, bmm = jax.lax.switch(
-        branch, [stay] + [go_deep(w) for w in widths], cache, st.bmm)
-    width = jnp.asarray((0,) + widths, jnp.int32)[branch]
+    branch = jnp.where(need, bucket, -1)
+    deep, cache, bmm = select_branch(branch, [go_deep(w) for w in widths], carry)
+    width = jnp.where(need, jnp.asarray(widths, jnp.int32)[jnp.clip(bucket, 0, len(widths) - 1)], 0)
   emit_deep = want_deep & need
   if shallow_head:
     logits = jnp.where(emit_deep[:, None], deep[1], logits_s)
