@@ -3,17 +3,19 @@
 Exits ``e_0 < e_1 < ... < e_{n-1} = L`` split the depth into segments
 ``[e_{i-1}, e_i)``. One decode step:
 
-* a ``lax.while_loop`` over segments, one compiled branch per segment
-  (``lax.switch``), continuing while any active row is undecided. Each
-  iteration runs the segment's layers on every row (masked compute: rows that
+* the segments in order, each run only while some active row is undecided
+  (``inplace.when``: a 0/1-trip loop that updates the KV cache in place; a
+  ``lax.cond``/``switch`` would copy the cache through the conditional every
+  step). A segment runs its layers on every row (masked compute: rows that
   already exited keep their state and write no KV there), evaluates the exit
   head and confidence, and decides per row (``rule="per_row"``) or for the
   whole batch once its least confident undecided member is confident
   (``rule="batch_min"``, CALM's original rule);
 * rows that exited earlier get the segment's missing KV filled from their
-  *exit-layer* state in the same iteration (fixes CALM's defect §4.2-iii, which
-  propagated the first segment's state), and after the loop a second
-  ``lax.switch`` fills the segments no row reached.
+  *exit-layer* state in the same segment, before its layers run (fixes CALM's
+  defect §4.2-iii, which propagated the first segment's state), and after the
+  segments one in-place branch (``inplace.select_branch``) fills the segments
+  no row reached.
 
 How skipped layers get their KV (``kv``):
 
