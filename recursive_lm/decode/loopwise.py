@@ -119,7 +119,8 @@ class LoopwiseServer:
       slot has its next chunk); default: the powers of two with at most 64
       token rows per pass, and P; (P,) in lockstep.
     head_rows: slots the head serves per step (deferred emission); default P
-      in lockstep, else m + sqrt(m) with m = P / (expected depth).
+      in lockstep or when every token has the same depth, else m + sqrt(m)
+      with m = P / (expected depth).
     kernel_layout, fuse: decode weight layout, as for ``Engine``.
   """
 
@@ -151,12 +152,20 @@ class LoopwiseServer:
     rows = prefill_rows or ((p,) if lockstep else (*small, p))
     self.prefill_rows = tuple(sorted({min(max(int(r), 1), p) for r in rows}))
     if head_rows is None:
-      # tokens completed per step average P / E[depth] and vary about as much as
-      # its square root: a standard deviation of margin keeps >= 99% of the
-      # completed tokens from waiting a step for the head (simulated)
+      # Varied depths: tokens completed per step average m = P / E[depth] and
+      # vary about as much as sqrt(m); that margin keeps >= 99% of them from
+      # waiting a step for the head (simulated). One depth for every token: all
+      # P rows, so slots that start together stay together and the head runs
+      # once per token for the whole pool, as in lockstep.
       mean = p / self._expected_depth()
-      head_rows = p if lockstep else math.ceil(mean + math.sqrt(mean))
+      head_rows = (p if lockstep or self._fixed_depth() else
+                   math.ceil(mean + math.sqrt(mean)))
     self.head_rows = min(max(int(head_rows), 1), p)
+
+  def _fixed_depth(self) -> bool:
+    if isinstance(self.exit, ForcedDepth):
+      return sum(q > 0 for q in self.exit.probs) == 1
+    return self.exit is None
 
   def _expected_depth(self) -> float:
     if isinstance(self.exit, ForcedDepth):
