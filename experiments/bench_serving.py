@@ -51,6 +51,8 @@ flags.DEFINE_integer("repeats", 3, "Interleaved timed repeats (median).")
 flags.DEFINE_integer("seed", 0, "Depth and prompt seed.")
 flags.DEFINE_bool("append", False, "Add rows to an existing bench_serving.json.")
 flags.DEFINE_bool("quick", False, "Tiny random models, tiny sizes (tests).")
+flags.DEFINE_bool("markdown_only", False, "Rewrite bench_serving.md from the JSON "
+                  "(after runs split over several processes with --append).")
 
 
 def models(loops):
@@ -113,6 +115,13 @@ def flops_ideal(cfg, rule, batch, prompt_len=0, new_tokens=1):
 
 
 def main(_):
+  if FLAGS.markdown_only:
+    with open(os.path.join(FLAGS.out, "bench_serving.json")) as f:
+      res = json.load(f)
+    with open(os.path.join(FLAGS.out, "bench_serving.md"), "w") as f:
+      f.write(markdown(res))
+    print(markdown(res))
+    return
   import jax
   import numpy as np
   from recursive_lm.decode.loopwise import LoopwiseServer
@@ -160,7 +169,7 @@ def main(_):
       ideal = rule.ideal_ratio(FLAGS.slots)
       ideal_f = flops_ideal(cfg, rule, FLAGS.slots)
       ideal_e = flops_ideal(cfg, rule, FLAGS.slots, FLAGS.prompt_len, FLAGS.new_tokens)
-      row = {"model": name, "scenario": scenario, "depth_probs": rule.probs,
+      row = {"model": name, "scenario": scenario, "date": time.strftime("%Y-%m-%d %H:%M"), "depth_probs": rule.probs,
              "slots": FLAGS.slots, "requests": FLAGS.requests,
              "prompt_len": FLAGS.prompt_len, "new_tokens": FLAGS.new_tokens,
              "loopwise_tps": tps["loop-wise"], "lockstep_tps": tps["lockstep"],
@@ -195,15 +204,15 @@ def markdown(res):
             "E[mean depth]; ideal (FLOPs) also counts the head and the K/V fills each "
             "token needs; ideal (FLOPs + prefill) also each request's prefill (its prompt "
             "at full depth), which both servers pay alike.", "",
-            "| model | depths | slots | prompt + new | loop-wise tok/s | lockstep tok/s | ratio "
+            "| model | depths | slots | requests | prompt + new | loop-wise tok/s | lockstep tok/s | ratio "
             "| ideal (loops) | of ideal | ideal (FLOPs) | of FLOPs ideal | ideal (FLOPs + prefill) "
             "| of it | block steps LW / LS | utilization LW / LS | mean loops | same tokens |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in res["rows"]:
     probs = "/".join(f"{p:g}" for p in r["depth_probs"])
     lines.append(
         f"| {r['model']} | {r['scenario']} ({probs}) | {r['slots']} | "
-        f"{r['prompt_len']} + {r['new_tokens']} | "
+        f"{r['requests']} | {r['prompt_len']} + {r['new_tokens']} | "
         f"{r['loopwise_tps']:.1f} | {r['lockstep_tps']:.1f} | {r['ratio']:.3f}x | "
         f"{r['ideal_loops']:.3f} | {r['fraction_of_ideal']:.2f} | {r['ideal_flops']:.3f} | "
         f"{r['fraction_of_flops_ideal']:.2f} | {r.get('ideal_flops_with_prefill', 0):.3f} | "
