@@ -51,6 +51,8 @@ flags.DEFINE_integer("repeats", 3, "Interleaved timed repeats (median).")
 flags.DEFINE_integer("seed", 0, "Depth and prompt seed.")
 flags.DEFINE_bool("append", False, "Add rows to an existing bench_serving.json.")
 flags.DEFINE_bool("quick", False, "Tiny random models, tiny sizes (tests).")
+flags.DEFINE_bool("markdown_only", False, "Rewrite bench_serving.md from the JSON "
+                  "(after runs split over several processes with --append).")
 
 
 def models(loops):
@@ -90,9 +92,12 @@ def rule_for(scenario, n, seed):
   return ForcedDepth.uniform(n, seed)
 
 
-def flops_ideal(cfg, rule, batch):
-  """Lockstep / loop-wise FLOPs per token: loops run (E[max] in lockstep), head,
-  and K/V projections of the skipped layers (state copying)."""
+def flops_ideal(cfg, rule, batch, prompt_len=0, new_tokens=1):
+  """Lockstep / loop-wise matmul FLOPs: per decoded token the loops run (E[max]
+  in lockstep), the head and the K/V projections of the skipped layers (state
+  copying); with ``prompt_len`` also each request's prefill (every prompt token
+  at full depth, the head once) against its ``new_tokens - 1`` decoded tokens
+  (the first token comes from the prefill)."""
   d, f, hq, hkv, dh = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   layer = d * (2 * hq * dh + 2 * hkv * dh) + 3 * d * f
   kv = d * 2 * hkv * dh
@@ -100,12 +105,23 @@ def flops_ideal(cfg, rule, batch):
   k, n = cfg.plan.block, cfg.plan.loops
   fixed = (cfg.plan.prelude + cfg.plan.coda) * layer + head
   fill = (n - rule.mean_depth) * k * kv
+  prefill = prompt_len * cfg.plan.effective_depth * layer + head
+  m = max(new_tokens - 1, 1)
   lock = rule.expected_max(batch) * k * layer + fixed + fill
   loopw = rule.mean_depth * k * layer + fixed + fill
-  return lock / loopw
+  if not prompt_len:
+    return lock / loopw
+  return (prefill + m * lock) / (prefill + m * loopw)
 
 
 def main(_):
+  if FLAGS.markdown_only:
+    with open(os.path.join(FLAGS.out, "bench_serving.json")) as f:
+      res = json.load(f)
+    with open(os.path.join(FLAGS.out, "bench_serving.md"), "w") as f:
+      f.write(markdown(res))
+    print(markdown(res))
+    return
   import jax
   import numpy as np
   from recursive_lm.decode.loopwise import LoopwiseServer
@@ -152,12 +168,17 @@ def main(_):
       ratio = tps["loop-wise"] / tps["lockstep"]
       ideal = rule.ideal_ratio(FLAGS.slots)
       ideal_f = flops_ideal(cfg, rule, FLAGS.slots)
-      row = {"model": name, "scenario": scenario, "depth_probs": rule.probs,
+      ideal_e = flops_ideal(cfg, rule, FLAGS.slots, FLAGS.prompt_len, FLAGS.new_tokens)
+      row = {"model": name, "scenario": scenario, "date": time.strftime("%Y-%m-%d %H:%M"), "depth_probs": rule.probs,
              "slots": FLAGS.slots, "requests": FLAGS.requests,
              "prompt_len": FLAGS.prompt_len, "new_tokens": FLAGS.new_tokens,
              "loopwise_tps": tps["loop-wise"], "lockstep_tps": tps["lockstep"],
              "ratio": ratio, "ideal_loops": ideal, "fraction_of_ideal": ratio / ideal,
              "ideal_flops": ideal_f, "fraction_of_flops_ideal": ratio / ideal_f,
+             "ideal_flops_with_prefill": ideal_e,
+             "fraction_of_flops_ideal_with_prefill": ratio / ideal_e,
+             "loopwise_prefill_passes": a.prefill_passes,
+             "lockstep_prefill_passes": b.prefill_passes,
              "mean_loops": a.mean_loops_per_token,
              "identical_tokens": a.tokens == b.tokens and a.loops == b.loops,
              "loopwise_steps": a.steps, "lockstep_steps": b.steps,
@@ -181,18 +202,24 @@ def markdown(res):
   lines += ["", "End to end (queue, chunked prefill, decode, head, KV fills), greedy, "
             "median of interleaved repeats. Ideal (loops) = E[max depth in the batch] / "
             "E[mean depth]; ideal (FLOPs) also counts the head and the K/V fills each "
-            "token needs.", "",
-            "| model | depths | slots | loop-wise tok/s | lockstep tok/s | ratio | ideal (loops) "
-            "| of ideal | ideal (FLOPs) | of FLOPs ideal | mean loops | same tokens |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "token needs; ideal (FLOPs + prefill) also each request's prefill (its prompt "
+            "at full depth), which both servers pay alike.", "",
+            "| model | depths | slots | requests | prompt + new | loop-wise tok/s | lockstep tok/s | ratio "
+            "| ideal (loops) | of ideal | ideal (FLOPs) | of FLOPs ideal | ideal (FLOPs + prefill) "
+            "| of it | block steps LW / LS | utilization LW / LS | mean loops | same tokens |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in res["rows"]:
     probs = "/".join(f"{p:g}" for p in r["depth_probs"])
     lines.append(
         f"| {r['model']} | {r['scenario']} ({probs}) | {r['slots']} | "
+        f"{r['requests']} | {r['prompt_len']} + {r['new_tokens']} | "
         f"{r['loopwise_tps']:.1f} | {r['lockstep_tps']:.1f} | {r['ratio']:.3f}x | "
         f"{r['ideal_loops']:.3f} | {r['fraction_of_ideal']:.2f} | {r['ideal_flops']:.3f} | "
-        f"{r['fraction_of_flops_ideal']:.2f} | {r['mean_loops']:.2f} | "
-        f"{r['identical_tokens']} |")
+        f"{r['fraction_of_flops_ideal']:.2f} | {r.get('ideal_flops_with_prefill', 0):.3f} | "
+        f"{r.get('fraction_of_flops_ideal_with_prefill', 0):.2f} | "
+        f"{r['loopwise_steps']} / {r['lockstep_steps']} | "
+        f"{r['loopwise_utilization']:.2f} / {r['lockstep_utilization']:.2f} | "
+        f"{r['mean_loops']:.2f} | {r['identical_tokens']} |")
   return "\n".join(lines) + "\n"
 
 

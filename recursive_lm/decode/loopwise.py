@@ -115,10 +115,12 @@ class LoopwiseServer:
     eos_id, pad_id: as for ``decode.engine.Engine``.
     prefill_chunk: prompt tokens per slot and prefill pass.
     prefill_rows: static row counts of a prefill pass (the largest that the
-      waiting slots fill is used; the others wait); default (1, 4, P), and (P,)
-      in lockstep.
+      unserved waiting slots fill is used, repeatedly, until every waiting
+      slot has its next chunk); default: the powers of two with at most 64
+      token rows per pass, and P; (P,) in lockstep.
     head_rows: slots the head serves per step (deferred emission); default P
-      in lockstep, else about P / (expected depth).
+      in lockstep or when every token has the same depth, else m + sqrt(m)
+      with m = P / (expected depth).
     kernel_layout, fuse: decode weight layout, as for ``Engine``.
   """
 
@@ -145,11 +147,25 @@ class LoopwiseServer:
     self.eos_id, self.pad_id = token_ids(cfg, eos_id, pad_id)
     self.chunk = int(prefill_chunk)
     p = self.slots
-    rows = prefill_rows or ((p,) if lockstep else (1, 4, p))
+    # native skinny matmuls up to 64 token rows (kernels.panel.MAX_NATIVE_ROWS)
+    small = [1 << i for i in range(7) if (1 << i) * self.chunk <= 64]
+    rows = prefill_rows or ((p,) if lockstep else (*small, p))
     self.prefill_rows = tuple(sorted({min(max(int(r), 1), p) for r in rows}))
     if head_rows is None:
-      head_rows = p if lockstep else math.ceil(p / self._expected_depth())
+      # Varied depths: tokens completed per step average m = P / E[depth] and
+      # vary about as much as sqrt(m); that margin keeps >= 99% of them from
+      # waiting a step for the head (simulated). One depth for every token: all
+      # P rows, so slots that start together stay together and the head runs
+      # once per token for the whole pool, as in lockstep.
+      mean = p / self._expected_depth()
+      head_rows = (p if lockstep or self._fixed_depth() else
+                   math.ceil(mean + math.sqrt(mean)))
     self.head_rows = min(max(int(head_rows), 1), p)
+
+  def _fixed_depth(self) -> bool:
+    if isinstance(self.exit, ForcedDepth):
+      return sum(q > 0 for q in self.exit.probs) == 1
+    return self.exit is None
 
   def _expected_depth(self) -> float:
     if isinstance(self.exit, ForcedDepth):
@@ -224,12 +240,18 @@ class LoopwiseServer:
     return self.model.apply({"params": params}, h, pos, None, sub, ws,
                             method=lambda m, *a: m.layers(*a)[:2])
 
-  def _prefill_pass(self, r: int, params, st, cache, max_new, sampling, stop_at_eos):
+  def _prefill_pass(self, r: int, params, carry, max_new, sampling, stop_at_eos):
+    """One chunk for up to ``r`` waiting slots not yet served this iteration."""
+    st, cache, served = carry
     cfg, p, c = self.cfg, self.slots, self.chunk
     s = cache["block"][0][0].shape[3]
-    rows = jnp.nonzero(st["phase"] == PREFILL, size=r, fill_value=p)[0]
+    todo = (st["phase"] == PREFILL) & ~served
+    slot = jnp.arange(p, dtype=jnp.int32)
+    # a pass over the whole pool reads and writes the cache in place (no row copies)
+    rows = (jnp.where(todo, slot, p) if r == p else
+            jnp.nonzero(todo, size=r, fill_value=p)[0].astype(jnp.int32))
     ok = rows < p
-    ri = jnp.minimum(rows, p - 1)
+    ri = slot if r == p else jnp.minimum(rows, p - 1)
     rid = jnp.maximum(st["rid"][ri], 0)
     pf, ln = st["pf"][ri], st["q_len"][rid]
     cols = pf[:, None] + jnp.arange(c, dtype=jnp.int32)[None]
@@ -238,8 +260,13 @@ class LoopwiseServer:
     valid = ok[:, None] & (cols < ln[:, None])
     ws = jnp.where(valid, cols, s)
     h = D.embed(cfg, params, toks)
-    h, sub = self._prefill_layers(params, h, cols, _rows(cache, ri), ws, pf == 0)
-    cache = _set_rows(_lists(cache), _lists(sub), jnp.where(ok, rows, p))
+    first = ok & (pf == 0)
+    if r == p:
+      h, cache = self._prefill_layers(params, h, cols, cache, ws, first)
+      cache = _lists(cache)
+    else:
+      h, sub = self._prefill_layers(params, h, cols, _rows(cache, ri), ws, first)
+      cache = _set_rows(_lists(cache), _lists(sub), rows)
     done = ok & (pf + c >= ln)
     last = jnp.clip(ln - 1 - pf, 0, c - 1)
     hl = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
@@ -262,23 +289,23 @@ class LoopwiseServer:
                  ("parked", False), ("final", ends)):
       st[k] = _put(st[k], dn, v)
     st["prefill_passes"] = st["prefill_passes"] + 1
-    return st, cache
+    return st, cache, _put(served, at, True)
 
   def _prefill(self, params, st, cache, **static):
-    n_wait = jnp.sum(st["phase"] == PREFILL)
-    passes = [functools.partial(self._prefill_pass, r, **static) for r in self.prefill_rows]
-
-    def run(args):
-      st, cache = args
-      if len(passes) == 1:
-        return passes[0](params, st, cache)
-      # the largest pass that is filled (no padded rows); the rest wait a step
-      idx = jnp.searchsorted(jnp.asarray(self.prefill_rows), n_wait, side="right") - 1
-      idx = jnp.clip(idx, 0, len(passes) - 1)
-      return jax.lax.switch(idx, [lambda a, f=f: f(params, *a) for f in passes],
-                            (st, cache))
-
-    return jax.lax.cond(n_wait > 0, run, lambda a: a, (st, cache))
+    """Every waiting slot gets its next chunk: passes of the largest static row
+    count the unserved waiting slots fill, largest first. Each size is a
+    ``while_loop`` (zero or more passes) rather than a ``cond``/``switch``:
+    a loop carry is updated in place, where XLA copies the whole KV cache into
+    and out of a conditional's branches."""
+    served = jnp.zeros((self.slots,), bool)
+    sizes = sorted(self.prefill_rows, reverse=True)
+    carry = (st, _lists(cache), served)
+    for i, r in enumerate(sizes):
+      least = 1 if i == len(sizes) - 1 else r
+      todo = lambda c, least=least: jnp.sum((c[0]["phase"] == PREFILL) & ~c[2]) >= least
+      step = functools.partial(self._prefill_pass, r, params, **static)
+      carry = jax.lax.while_loop(todo, step, carry)
+    return carry[0], carry[1]
 
   # -- 3. one loop for every decoding slot -------------------------------------
   _feedback_depths = False  # MoR records the depth of the fed-back token
