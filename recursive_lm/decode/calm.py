@@ -41,6 +41,7 @@ Oracle modes for analysis (they run the full depth for every row):
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -149,8 +150,8 @@ def calm_step(cfg: ModelConfig, params, spec: CalmSpec, rule: ExitRule, cache,
     def run(h, logits, prev_h, prev_logits):
       lg = logits if use_logits else None
       if i == 0:
-        return rule.confidence(h, lg, None, None)
-      return rule.confidence(h, lg, prev_h, prev_logits if use_logits else None)
+        return rule.confidence(h, lg, None, None, i=i)
+      return rule.confidence(h, lg, prev_h, prev_logits if use_logits else None, i=i)
     return run
 
   conf_branches = [conf_at(i) for i in range(n)]
@@ -165,7 +166,10 @@ def calm_step(cfg: ModelConfig, params, spec: CalmSpec, rule: ExitRule, cache,
     exit_layer = jnp.where(dec, exit_tab[jnp.clip(idx, 0, n - 1)], exit_layer0)
     h_new, cache = jax.lax.switch(seg, branches, h, cache, und, dec, exit_layer)
     h = jnp.where(und[:, None, None], h_new, h)
-    logits = D.head(cfg, params, h[:, 0]) if use_logits else logits0
+    h_x = h[:, 0]
+    if rule.exit_maps is not None:  # exit modules: the state the head reads at this exit
+      h_x = jax.lax.switch(seg, [functools.partial(rule.exit_state, i) for i in range(n)], h_x)
+    logits = D.head(cfg, params, h_x) if use_logits else logits0
     cf = jax.lax.switch(seg, conf_branches, h[:, 0], logits, prev_h, prev_logits)
     last = seg == n - 1
     ok = rule.decide(seg, cf, thr, forced)
@@ -175,7 +179,7 @@ def calm_step(cfg: ModelConfig, params, spec: CalmSpec, rule: ExitRule, cache,
       go = und & (jnp.all(ok | ~und) | last)
     if use_logits:
       sel = jnp.where(go[:, None], logits, sel)
-    sel_h = jnp.where(go[:, None], h[:, 0], sel_h)
+    sel_h = jnp.where(go[:, None], h_x, sel_h)
     idx = jnp.where(go, seg, idx)
     confs = _record(confs, seg, cf, und & ~last)
     prev_h = jnp.where(und[:, None], h[:, 0], prev_h)
