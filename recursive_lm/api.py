@@ -134,7 +134,7 @@ class LoadedModel:
     made for another model."""
     from recursive_lm.exits.early_exit import from_artifact  # pylint: disable=g-import-not-at-top
     layout, fuse = self.decode_layout(batch)
-    options.setdefault("threshold", 0.9)
+    options.setdefault("threshold", 0.8)
     key = ("exit_module", policy, layout, fuse, weights, artifact, _options_key(options))
     return self.cached_engine(key, lambda: from_artifact(
         self.cfg, self.params, policy, artifact, kernel_layout=layout, fuse=fuse,
@@ -261,7 +261,7 @@ def generate(model: LoadedModel, prompts: str | Sequence[str], max_new_tokens: i
       ``model.exit_module_engine``) with their head-free meta-classifier
       confidence; a recursive model without ``exit_artifact`` exits at its
       loop boundaries instead (``model.early_exit_engine``). Lossy: a token
-      exits iff its confidence >= ``threshold`` (default 0.9). Raises
+      exits iff its confidence >= ``threshold`` (default 0.8). Raises
       ``ExitArtifactError`` when the artifact is missing, truncated or made
       for another model.
     threshold: the early-exit threshold for this call (also for an

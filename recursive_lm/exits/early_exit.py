@@ -19,7 +19,7 @@ Example::
 
     m = recursive_lm.api.load()
     eng = module_exit_engine(m.cfg, m.params, load_exits(default_artifact_path(),
-                             m.cfg, m.params), policy="free", threshold=0.9)
+                             m.cfg, m.params), policy="free", threshold=0.8)
     out = eng.generate([ids], 48)      # EarlyExitOutput: exit_fraction, avg_layers
 """
 from __future__ import annotations
@@ -97,7 +97,7 @@ def check_layers(exits: ExitSet, policy: str, layers: Sequence[int] | None) -> l
 
 
 def module_exit_engine(cfg: ModelConfig, params, exits: ExitSet, policy: str = "free",
-                       layers: Sequence[int] | None = None, threshold: float = 0.9,
+                       layers: Sequence[int] | None = None, threshold: float = 0.8,
                        confidence: str = "meta", check_model: bool = True, **engine_kw):
   """An ``EarlyExitEngine`` (FREE or CALM) exiting through the artifact's
   modules at ``layers`` (default: FREE at layer 6, CALM at every shipped exit)
