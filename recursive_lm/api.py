@@ -122,6 +122,24 @@ class LoadedModel:
         self.cfg, self.params, artifact, kernel_layout=layout, fuse=fuse, weights=weights,
         **overrides))
 
+  def exit_module_engine(self, batch: int | None = None, policy: str = "free",
+                         weights: str = "f32", artifact: str | None = None, **options):
+    """A cached FREE / CALM ``EarlyExitEngine`` that exits through the trained
+    exit modules of ``artifact`` (default: the one shipped for the embedded
+    SmolLM2) with the artifact's head-free meta classifier
+    (``exits.early_exit.module_exit_engine``; ``options``: its keyword
+    arguments, e.g. ``layers=[6]``, ``confidence="softmax_max"``, ``k_max``).
+    The threshold is a per-call argument of ``generate`` (no recompilation).
+    Raises ``ExitArtifactError`` when the artifact is missing, truncated or
+    made for another model."""
+    from recursive_lm.exits.early_exit import from_artifact  # pylint: disable=g-import-not-at-top
+    layout, fuse = self.decode_layout(batch)
+    options.setdefault("threshold", 0.8)
+    key = ("exit_module", policy, layout, fuse, weights, artifact, _options_key(options))
+    return self.cached_engine(key, lambda: from_artifact(
+        self.cfg, self.params, policy, artifact, kernel_layout=layout, fuse=fuse,
+        weights=weights, **options))
+
 
 def _options_key(options: dict) -> tuple:
   def freeze(v):
@@ -218,7 +236,8 @@ def load(spec: str | os.PathLike | None = None, compile_cache: bool = True) -> L
 # -- generate / score -------------------------------------------------------------
 def generate(model: LoadedModel, prompts: str | Sequence[str], max_new_tokens: int = 64,
              sampling: SamplingConfig = SamplingConfig(), seed: int = 0, chat: bool = False,
-             engine: Any = None, speculative: bool = False
+             engine: Any = None, speculative: bool = False, early_exit: str | None = None,
+             threshold: float | None = None, exit_artifact: str | None = None
              ) -> tuple[str | list[str], GenerateOutput]:
   """Generates text; returns ``(texts, output)``.
 
@@ -237,6 +256,16 @@ def generate(model: LoadedModel, prompts: str | Sequence[str], max_new_tokens: i
       (``model.exit_speculative_engine``; lossless, greedy only). Raises
       ``ExitArtifactError`` when no valid exit artifact matches the model; it
       never falls back silently.
+    early_exit: "free" or "calm": exit early through the trained exit modules
+      of ``exit_artifact`` (default: the one shipped for the embedded SmolLM2;
+      ``model.exit_module_engine``) with their head-free meta-classifier
+      confidence; a recursive model without ``exit_artifact`` exits at its
+      loop boundaries instead (``model.early_exit_engine``). Lossy: a token
+      exits iff its confidence >= ``threshold`` (default 0.8). Raises
+      ``ExitArtifactError`` when the artifact is missing, truncated or made
+      for another model.
+    threshold: the early-exit threshold for this call (also for an
+      ``EarlyExitEngine`` passed as ``engine``; no recompilation).
 
   ``output`` has the new token ids per row and ``prefill_seconds`` /
   ``decode_seconds`` / ``tokens_per_second``.
@@ -257,15 +286,33 @@ def generate(model: LoadedModel, prompts: str | Sequence[str], max_new_tokens: i
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
   ids = [tok.encode(p) for p in prompts]
   from recursive_lm.exits.speculative import ExitSpeculativeEngine  # pylint: disable=g-import-not-at-top
+  from recursive_lm.decode.early_exit import EarlyExitEngine  # pylint: disable=g-import-not-at-top
+  if speculative and early_exit:
+    raise ValueError("speculative=True and early_exit exclude each other; pick one")
+  if early_exit is not None and early_exit not in ("free", "calm"):
+    raise ValueError(f"early_exit must be 'free' or 'calm', got {early_exit!r}")
   if speculative and engine is None:
     engine = model.exit_speculative_engine(len(ids))
+  if early_exit and engine is None:
+    if model.cfg.plan.loops >= 2 and exit_artifact is None:
+      engine = model.early_exit_engine(len(ids), policy=early_exit)
+    else:
+      engine = model.exit_module_engine(len(ids), early_exit, artifact=exit_artifact)
   engine = engine or model.engine(len(ids))
   if isinstance(engine, ExitSpeculativeEngine):
     if not sampling.greedy:
       raise ValueError("exit-module self-speculation is greedy only; drop the sampling "
                        "options or use the plain engine")
     out = engine.generate(ids, max_new_tokens)
+  elif isinstance(engine, EarlyExitEngine):
+    if threshold is not None and engine.adaptive is not None:
+      threshold = None  # the adaptive estimator sets it
+    out = engine.generate(ids, max_new_tokens, sampling=sampling, seed=seed,
+                          threshold=threshold)
   else:
+    if threshold is not None:
+      raise ValueError("threshold= is an early-exit option; pass early_exit='free' or "
+                       "'calm' (or an EarlyExitEngine)")
     out = engine.generate(ids, max_new_tokens, sampling=sampling, seed=seed)
   texts = [tok.decode([t for t in row if t != engine.eos_id], skip_special_tokens=False)
            for row in out.tokens]

@@ -45,3 +45,17 @@ def test_shipped_artifact_self_speculation_equals_plain_greedy(tmp_path):
   assert default_engine_or_none(m.cfg, m.params, str(bad)) is None
   with pytest.raises(ExitArtifactError, match="missing"):
     from_artifact(m.cfg, m.params, str(tmp_path / "none"))
+
+
+@pytest.mark.slow
+def test_shipped_artifact_free_and_calm_through_api():
+  """api.generate(early_exit=...) on the embedded model reads the shipped modules
+  and meta classifiers: never exiting equals plain greedy, exiting changes depth."""
+  from recursive_lm import api  # pylint: disable=g-import-not-at-top
+  m = api.load()
+  plain, _ = api.generate(m, PROMPTS[:2], 16)
+  for policy in ("free", "calm"):
+    never, out = api.generate(m, PROMPTS[:2], 16, early_exit=policy, threshold=1.01)
+    assert never == plain and out.exit_fraction == 0.0
+    _, out = api.generate(m, PROMPTS[:2], 16, early_exit=policy, threshold=0.0)
+    assert out.exit_fraction == 1.0 and out.avg_layers == 6.0

@@ -106,8 +106,9 @@ def define_decoder(fv: flags.FlagValues):
                     "module (--exit_artifact; default: the one shipped for SmolLM2-135M; "
                     "greedy only).",
                     flag_values=fv)
-  flags.DEFINE_string("exit_artifact", None, "Speculative: exit-module artifact folder "
-                      "(recursive_lm.exits; default: the shipped SmolLM2 artifact).",
+  flags.DEFINE_string("exit_artifact", None, "Speculative / early exit: exit-module artifact "
+                      "folder (recursive_lm.exits; default: the shipped SmolLM2 artifact; "
+                      "--early_exit on a vanilla model exits through its modules).",
                       flag_values=fv)
   flags.DEFINE_integer("draft_layers", None, "Speculative: draft depth in unrolled layers.",
                        flag_values=fv)
@@ -169,6 +170,18 @@ def decoder_engine(fv, model, batch: int):
     return model.speculative_engine(batch, draft_layers=fv.draft_layers,
                                     draft_loops=fv.draft_loops, draft_len=fv.draft_len,
                                     weights=weights)
+  if fv.early_exit != "none" and (fv.exit_artifact or model.cfg.plan.loops < 2):
+    # A vanilla model (e.g. the embedded SmolLM2) has no loop exits: exit through
+    # the trained exit modules (head-free meta confidence unless --confidence).
+    opts = {"threshold": fv.threshold if fv.threshold == "adaptive" else float(fv.threshold)}
+    if fv["confidence"].present:
+      opts["confidence"] = fv.confidence
+    if fv.exits:
+      opts["layers"] = [int(x) for x in fv.exits]
+    if fv.early_exit == "calm":
+      opts["schedule"] = fv.schedule
+    return model.exit_module_engine(batch, fv.early_exit, weights=weights,
+                                    artifact=fv.exit_artifact, **opts)
   if fv.early_exit != "none":
     thr = fv.threshold if fv.threshold == "adaptive" else float(fv.threshold)
     opts = dict(policy=fv.early_exit, confidence=fv.confidence, threshold=thr,

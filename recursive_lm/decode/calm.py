@@ -138,8 +138,8 @@ def calm_step(cfg: ModelConfig, params, spec: CalmSpec, rule: ExitRule, cache,
   def conf_at(i, h, logits, prev_h, prev_logits):
     lg = logits if use_logits else None
     if i == 0:
-      return rule.confidence(h, lg, None, None)
-    return rule.confidence(h, lg, prev_h, prev_logits if use_logits else None)
+      return rule.confidence(h, lg, None, None, i=i)
+    return rule.confidence(h, lg, prev_h, prev_logits if use_logits else None, i=i)
 
   def segment(i):
     """Segment i's layers on the undecided rows, its exit check and decision.
@@ -158,7 +158,10 @@ def calm_step(cfg: ModelConfig, params, spec: CalmSpec, rule: ExitRule, cache,
       h_new, cache = D.run_layers(cfg, params, starts[i], exits[i], h, pos[:, None], cache,
                                   jnp.where(und, pos, s)[:, None])
       h = jnp.where(und[:, None, None], h_new, h)
-      logits = D.head(cfg, params, h[:, 0]) if use_logits else logits0
+      h_x = h[:, 0]
+      if rule.exit_maps is not None:  # exit modules: the state the head reads at this exit
+        h_x = rule.exit_state(i, h_x)
+      logits = D.head(cfg, params, h_x) if use_logits else logits0
       cf = conf_at(i, h[:, 0], logits, prev_h, prev_logits)
       last = i == n - 1
       ok = rule.decide(i, cf, thr, forced)
@@ -168,7 +171,7 @@ def calm_step(cfg: ModelConfig, params, spec: CalmSpec, rule: ExitRule, cache,
         go = und & (jnp.all(ok | ~und) | last)
       if use_logits:
         sel = jnp.where(go[:, None], logits, sel)
-      sel_h = jnp.where(go[:, None], h[:, 0], sel_h)
+      sel_h = jnp.where(go[:, None], h_x, sel_h)
       idx = jnp.where(go, i, idx)
       if not last:
         confs = _record(confs, i, cf, und)

@@ -198,6 +198,9 @@ class EarlyExitEngine:
     schedule, position_temp: "fixed" or CALM's "decaying" threshold.
     adaptive_config: ``BetaMixtureConfig`` for ``threshold="adaptive"``.
     meta_params: meta-classifier params for ``confidence="meta"``.
+    exit_maps: one callable per exit (the full depth included) mapping the raw
+      exit state to what the head reads when a row exits there (trained exit
+      modules, ``recursive_lm.exits.early_exit``); None = the raw state.
     eos_id, pad_id, kernel_layout, fuse: as ``Engine``.
   """
 
@@ -208,6 +211,7 @@ class EarlyExitEngine:
                rule: str = "per_row", kv: str = "propagate", oracle: str | None = None,
                schedule: str = "fixed", position_temp: float = 4.0,
                adaptive_config: BetaMixtureConfig | None = None, meta_params=None,
+               exit_maps: Sequence[Any] | None = None,
                eos_id: int | None = None, pad_id: int | None = None,
                kernel_layout: str | None = None, fuse: bool = False, weights: str = "f32"):
     if policy not in POLICIES:
@@ -265,7 +269,13 @@ class EarlyExitEngine:
     self.adaptive = adaptive
     self.model = Transformer(cfg)
     self.eos_id, self.pad_id = token_ids(cfg, eos_id, pad_id)
-    self.rule = X.make_rule(rule_measure, schedule, position_temp, adaptive).bind(cfg, params)
+    rule_ = X.make_rule(rule_measure, schedule, position_temp, adaptive)
+    if exit_maps is not None:
+      if len(exit_maps) != len(self.exits):
+        raise ValueError(f"exit_maps needs one map per exit {list(self.exits)}, got "
+                         f"{len(exit_maps)}")
+      rule_ = dataclasses.replace(rule_, exit_maps=tuple(exit_maps))
+    self.rule = rule_.bind(cfg, params)
     self.bmm_state = beta_mixture_init(adaptive or BetaMixtureConfig())
     self.exit_policy = ExitPolicy(cfg, self.spec, self.rule, len(self.exits), self.pad_id)
     self.trace_count = 0

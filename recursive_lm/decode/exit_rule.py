@@ -57,6 +57,12 @@ class Measure:
     del cfg, params
     return self
 
+  def at(self, i: int) -> "Measure":
+    """The measure at exit index ``i`` (static); per-exit measures (e.g. one
+    meta classifier per exit) override this."""
+    del i
+    return self
+
   def __call__(self, h, logits, prev_h, prev_logits) -> Array:
     raise NotImplementedError
 
@@ -211,9 +217,17 @@ class Adaptive(Schedule):
 # ----------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True, eq=False)
 class ExitRule:
-  """measure x schedule; ``decide`` is the library's one exit decision."""
+  """measure x schedule; ``decide`` is the library's one exit decision.
+
+  ``exit_maps``: optional, one callable per exit (index i, static) mapping the
+  raw residual state at that exit [B, D] to the state that goes through the
+  final norm + LM head when a row exits there (trained exit modules,
+  ``recursive_lm.exits``); None = the raw state. Measures still read the raw
+  state; skipped layers' KV still comes from it.
+  """
   measure: Measure
   schedule: Schedule = Fixed()
+  exit_maps: tuple | None = None
 
   @property
   def needs_logits(self) -> bool:
@@ -221,13 +235,19 @@ class ExitRule:
     return self.measure.needs_logits or self.schedule.adaptive is not None
 
   def bind(self, cfg, params) -> "ExitRule":
-    return ExitRule(self.measure.bind(cfg, params), self.schedule)
+    return ExitRule(self.measure.bind(cfg, params), self.schedule, self.exit_maps)
 
   def thresholds(self, base, step, max_new: int, batch: int) -> Array:
     return self.schedule(base, step, max_new, batch)
 
-  def confidence(self, h, logits, prev_h=None, prev_logits=None) -> Array:
-    return self.measure(h, logits, prev_h, prev_logits).astype(jnp.float32)
+  def confidence(self, h, logits, prev_h=None, prev_logits=None, i: int = 0) -> Array:
+    return self.measure.at(i)(h, logits, prev_h, prev_logits).astype(jnp.float32)
+
+  def exit_state(self, i: int, h: Array) -> Array:
+    """The state read by the head when a row exits at exit ``i`` (static)."""
+    if self.exit_maps is None:
+      return h
+    return self.exit_maps[i](h).astype(h.dtype)
 
   @staticmethod
   def decide(i, conf: Array, thr: Array, forced: Array | None = None) -> Array:

@@ -171,8 +171,9 @@ def free_step(cfg: ModelConfig, params, spec: FreeSpec, rule: ExitRule, cache,
   h = D.embed(cfg, params, tok[:, None])
   h, cache = D.run_layers(cfg, params, 0, spec.exit_layer, h, pos[:, None], cache, slots)
   h_e = h[:, 0]
+  h_x = rule.exit_state(0, h_e)  # what the head reads when the row exits (exit module)
   shallow_head = rule.needs_logits
-  logits_s = D.head(cfg, params, h_e) if shallow_head else None
+  logits_s = D.head(cfg, params, h_x) if shallow_head else None
   conf = rule.confidence(h_e, logits_s)
   arg = argmax(logits_s) if spec.adaptive is not None else jnp.zeros((b,), jnp.int32)
   if spec.adaptive is not None:
@@ -213,7 +214,7 @@ def free_step(cfg: ModelConfig, params, spec: FreeSpec, rule: ExitRule, cache,
   if shallow_head:
     logits = jnp.where(emit_deep[:, None], deep[1], logits_s)
   else:  # head-free measure: the one head, on the state each row emits from
-    logits = D.head(cfg, params, jnp.where(emit_deep[:, None], deep, h_e))
+    logits = D.head(cfg, params, jnp.where(emit_deep[:, None], deep, h_x))
 
   rows = jnp.arange(b)
   push = active & ~need
