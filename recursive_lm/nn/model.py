@@ -144,6 +144,12 @@ class Transformer(nn.Module):
 
   # -- pieces (also used by the decode engine through ``method=``) ------------
   def embed_tokens(self, tokens):
+    table = self.embed.embedding
+    if table.dtype != jnp.dtype(self.cfg.dtype):
+      # A low-precision table (bf16/int8 decode layouts): gather the rows, then
+      # convert them. nn.Embed converts the whole table first, which XLA hoists
+      # out of the decode loop as a 113 MB f32 copy written on every generate.
+      return jnp.take(table, tokens, axis=0).astype(self.cfg.dtype)
     return self.embed(tokens)
 
   def head(self, h):
