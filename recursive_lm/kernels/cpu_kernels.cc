@@ -48,7 +48,7 @@ constexpr int Chains() {
 // Software prefetch this many bytes ahead of the weight stream (0: none); the
 // hardware streamer stops at 4 KiB page boundaries, the prefetch does not.
 #ifndef RLM_PREFETCH_BYTES
-#define RLM_PREFETCH_BYTES 2048
+#define RLM_PREFETCH_BYTES 0
 #endif
 inline void PrefetchAhead(const void* p) {
 #if RLM_PREFETCH_BYTES > 0
