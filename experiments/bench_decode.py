@@ -150,6 +150,56 @@ def streamed_bytes(params) -> int:
   return int(total)
 
 
+def streamed_weights(params) -> int:
+  """Weights one decode step multiplies (every panel kernel, the LM head's included)."""
+  import jax
+  n = 0
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    if getattr(path[-1], "key", None) == "kernel":
+      n += x.size
+  return int(n)
+
+
+def kernel_compute_rate(weights: str, batch: int, k: int = 576, n: int = 1024,
+                        calls: int = 64, reps: int = 5) -> float | None:
+  """The compute limit of the native panel kernel: weights multiplied per
+  second (by ``batch`` rows each) on a [k, n] matrix that stays in the L2
+  caches (1.2 MB in f32, split across the cores), so memory does not limit it;
+  best of ``reps`` timings of ``calls`` chained calls, on every core. None
+  without the native kernels."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from recursive_lm.kernels import native
+  from recursive_lm.kernels import panel as P
+  if not native.load():
+    return None
+  w = jnp.asarray(np.random.default_rng(0).standard_normal((k, n), np.float32) * 0.02)
+  scale = None
+  if weights == "bf16":
+    wp = P.to_bf16_panels(w)
+  elif weights == "int8":
+    wp, scale = P.to_int8_panels(w)
+  else:
+    wp = P.to_panels(w)
+
+  @jax.jit
+  def chain(x):
+    def body(_, x):
+      y = P.panel_matmul(x, wp, n, use_native=True, scale=scale)
+      return x + 1e-30 * y[:, :k]
+    return jax.lax.fori_loop(0, calls, body, x)
+
+  x = jnp.ones((batch, k), jnp.float32)
+  chain(x).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    t = time.perf_counter()
+    chain(x).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return calls * k * n / best
+
+
 def prompts_for(batch: int) -> list[list[int]]:
   return [[(17 * i + 3 * j) % 1000 + 100 for j in range(FLAGS.prompt_len)]
           for i in range(batch)]
@@ -348,6 +398,19 @@ def main(_):
     bytes_of["llama.cpp"] = int(sum(t.n_bytes for t in reader.tensors))  # streamed ~ all
     del reader
 
+  # Compute limit of each format's kernel at each batch (L2-resident weights).
+  weights_of = {f"recursive_lm ({n})": streamed_weights(e.params) for n, e in engines.items()}
+  compute_rates = {}
+  for name in engines:
+    fmt = name.split(":")[1]
+    for b in map(int, FLAGS.batches):
+      if name.startswith("panel") and (fmt, b) not in compute_rates:
+        rate = kernel_compute_rate(fmt, b)
+        if rate:
+          compute_rates[(fmt, b)] = rate
+          print(f"compute limit {fmt} batch {b}: {rate * b * 2 / 1e9:.0f} GFLOP/s "
+                f"({rate / 1e9:.1f} G weights/s)", flush=True)
+
   # The full measurement (three readers) before and after, for the record; the
   # roofline of each run uses the probe taken right before it.
   bws = [bandwidth("before")]
@@ -375,6 +438,13 @@ def main(_):
       r["fraction_of_roofline"] = statistics.median(per_run)
       r["roofline_tokens_per_s"] = (b * statistics.median(r["run_bandwidth_GBps"]) * 1e9
                                     / nbytes)
+      fmt = r["engine"].rsplit(":", 1)[-1].rstrip(")")
+      if r["engine"].startswith("recursive_lm") and (fmt, b) in compute_rates:
+        rate = compute_rates[(fmt, b)]
+        r["compute_limit_tokens_per_s"] = b * rate / weights_of[r["engine"]]
+        r["limit_tokens_per_s"] = min(r["roofline_tokens_per_s"],
+                                      r["compute_limit_tokens_per_s"])
+        r["fraction_of_limit"] = r["tokens_per_s"] / r["limit_tokens_per_s"]
       print(f"batch {b:2d} {r['engine']:55s} {r['tokens_per_s']:7.1f} tok/s "
             f"({r['fraction_of_roofline']:.0%} of its roofline, bandwidth "
             f"{min(r['run_bandwidth_GBps']):.1f}-{max(r['run_bandwidth_GBps']):.1f} GB/s)",
@@ -397,6 +467,8 @@ def main(_):
           "new_tokens": FLAGS.new_tokens, "runs": FLAGS.runs, "jax": jax.__version__,
           "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
           "native_kernels": native_status(), "perplexity": ppl, "perplexity_source": ppl_note,
+          "compute_limit_GFLOPs": {f"{f}:{b}": r * b * 2 / 1e9
+                                   for (f, b), r in compute_rates.items()},
           "perplexity_tokens": (FLAGS.ppl_batches * FLAGS.ppl_batch * FLAGS.ppl_seq_len),
           "date": time.strftime("%Y-%m-%d %H:%M")}
   with open(os.path.join(FLAGS.out, "bench_decode.json"), "w") as f:
@@ -411,9 +483,12 @@ def main(_):
            "column at the median bandwidth of the row's runs. Perplexity: pydoc "
            f"validation split" + (ppl_note or f", {meta['perplexity_tokens']} tokens") + ".",
            f"Made by `{meta['command']}` on {meta['date']}; {meta['native_kernels']}.", "",
-           "| batch | engine | MB per step | new tokens/s | roofline tokens/s | fraction "
-           "| x llama.cpp | held-out ppl |",
-           "|---|---|---|---|---|---|---|---|"]
+           "Compute limit: the native kernel's rate on L2-resident weights at the same "
+           "batch (`kernel_compute_rate`), in tokens/s for the row's weights per step; "
+           "'of limit' = tokens/s over the lower of the roofline and the compute limit.",
+           "", "| batch | engine | MB per step | new tokens/s | roofline tokens/s | fraction "
+           "| compute limit tokens/s | of limit | x llama.cpp | held-out ppl |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   ref_tps = {r["batch"]: r["tokens_per_s"] for r in rows
              if r["engine"].startswith("llama.cpp")}
   for r in rows:
@@ -425,7 +500,10 @@ def main(_):
         f" ({p['ppl'] / f32_ppl - 1:+.2%})" if f32_ppl and not name.endswith(":f32") else ""))
     lines.append(f"| {r['batch']} | {r['engine']} | {r['streamed_bytes'] / 1e6:.0f} | "
                  f"{r['tokens_per_s']:.1f} | {r['roofline_tokens_per_s']:.1f} | "
-                 f"{r['fraction_of_roofline']:.0%} | {vs} | {pp} |")
+                 f"{r['fraction_of_roofline']:.0%} | "
+                 + (f"{r['compute_limit_tokens_per_s']:.0f} | {r['fraction_of_limit']:.0%}"
+                    if "compute_limit_tokens_per_s" in r else "- | -")
+                 + f" | {vs} | {pp} |")
   with open(os.path.join(FLAGS.out, "bench_decode.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))

@@ -36,6 +36,38 @@ typedef float v16u __attribute__((vector_size(64), aligned(4)));  // unaligned a
 
 constexpr int64_t kPanel = 32;
 
+// Independent accumulator sets per row for a register block of R rows: at 1-2
+// rows the two sums of a row would otherwise be one chain of dependent FMAs
+// (4+ cycles each), which caps a core below its share of the memory bandwidth;
+// with Chains<R>() sets, about 16 sums are in flight at every R.
+template <int R>
+constexpr int Chains() {
+  return R >= 8 ? 1 : (R >= 4 ? 2 : (R >= 2 ? 4 : 8));
+}
+
+// Software prefetch this many bytes ahead of the weight stream (0: none); the
+// hardware streamer stops at 4 KiB page boundaries, the prefetch does not.
+#ifndef RLM_PREFETCH_BYTES
+#define RLM_PREFETCH_BYTES 0
+#endif
+inline void PrefetchAhead(const void* p) {
+#if RLM_PREFETCH_BYTES > 0
+  __builtin_prefetch((const char*)p + RLM_PREFETCH_BYTES, 0, 0);
+#else
+  (void)p;
+#endif
+}
+
+// Sums the A accumulator sets into set 0.
+template <int A, int R>
+inline void Reduce(v16 (&lo)[A][R], v16 (&hi)[A][R]) {
+  for (int a = 1; a < A; ++a)
+    for (int r = 0; r < R; ++r) {
+      lo[0][r] += lo[a][r];
+      hi[0][r] += hi[a][r];
+    }
+}
+
 inline void CpuRelax() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_ia32_pause();
@@ -58,18 +90,27 @@ struct F32Panels {
   void Run(int64_t r0, int64_t p) const {
     const float* xr = x + r0 * K;
     const float* wp = w + p * K * kPanel;
-    v16 lo[R], hi[R];
-    for (int r = 0; r < R; ++r) lo[r] = hi[r] = (v16){};
-    for (int64_t k = 0; k < K; ++k) {
+    constexpr int A = Chains<R>();
+    v16 lo[A][R], hi[A][R];
+    for (int a = 0; a < A; ++a)
+      for (int r = 0; r < R; ++r) lo[a][r] = hi[a][r] = (v16){};
+    auto step = [&](int a, int64_t k) {
+      PrefetchAhead(wp + k * kPanel);
+      PrefetchAhead(wp + k * kPanel + 16);
       const v16 w0 = *(const v16u*)(wp + k * kPanel);
       const v16 w1 = *(const v16u*)(wp + k * kPanel + 16);
       for (int r = 0; r < R; ++r) {
         const float s = xr[r * K + k];
-        lo[r] += s * w0;
-        hi[r] += s * w1;
+        lo[a][r] += s * w0;
+        hi[a][r] += s * w1;
       }
-    }
-    Store<R>(lo, hi, r0, p, nullptr);
+    };
+    int64_t k = 0;
+    for (; k + A <= K; k += A)
+      for (int a = 0; a < A; ++a) step(a, k + a);
+    for (; k < K; ++k) step(0, k);
+    Reduce<A, R>(lo, hi);
+    Store<R>(lo[0], hi[0], r0, p, nullptr);
   }
   template <int R>
   void Store(const v16* lo, const v16* hi, int64_t r0, int64_t p, const float* scale) const {
@@ -109,18 +150,26 @@ struct Int8Panels {
     const int64_t K = out.K;
     const float* xr = out.x + r0 * K;
     const int8_t* wp = w + p * K * kPanel;
-    v16 lo[R], hi[R];
-    for (int r = 0; r < R; ++r) lo[r] = hi[r] = (v16){};
-    for (int64_t k = 0; k < K; ++k) {
+    constexpr int A = Chains<R>();
+    v16 lo[A][R], hi[A][R];
+    for (int a = 0; a < A; ++a)
+      for (int r = 0; r < R; ++r) lo[a][r] = hi[a][r] = (v16){};
+    auto step = [&](int a, int64_t k) {
+      if (k % 2 == 0) PrefetchAhead(wp + k * kPanel);  // one 64-byte line per 2 rows
       const v16 w0 = WidenInt8(wp + k * kPanel);
       const v16 w1 = WidenInt8(wp + k * kPanel + 16);
       for (int r = 0; r < R; ++r) {
         const float s = xr[r * K + k];
-        lo[r] += s * w0;
-        hi[r] += s * w1;
+        lo[a][r] += s * w0;
+        hi[a][r] += s * w1;
       }
-    }
-    out.Store<R>(lo, hi, r0, p, scale);
+    };
+    int64_t k = 0;
+    for (; k + A <= K; k += A)
+      for (int a = 0; a < A; ++a) step(a, k + a);
+    for (; k < K; ++k) step(0, k);
+    Reduce<A, R>(lo, hi);
+    out.Store<R>(lo[0], hi[0], r0, p, scale);
   }
 };
 
@@ -163,34 +212,47 @@ struct Bf16Panels {
   void Run(int64_t r0, int64_t p) const {
     const int64_t K = out.K, H = K / 2;
     const uint16_t* wp = w + p * K * kPanel;
-    v16 lo[R], hi[R];
-    for (int r = 0; r < R; ++r) lo[r] = hi[r] = (v16){};
+    constexpr int A = Chains<R>();
+    v16 acc_lo[A][R], acc_hi[A][R];
+    for (int a = 0; a < A; ++a)
+      for (int r = 0; r < R; ++r) acc_lo[a][r] = acc_hi[a][r] = (v16){};
 #if defined(__AVX512BF16__)
     const uint32_t* xp = pairs + r0 * H;
-    for (int64_t j = 0; j < H; ++j) {
+    auto step = [&](int a, int64_t j) {
+      PrefetchAhead(wp + j * 2 * kPanel);
+      PrefetchAhead(wp + j * 2 * kPanel + kPanel);
       const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp + j * 2 * kPanel);
       const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wp + j * 2 * kPanel + kPanel);
       for (int r = 0; r < R; ++r) {
         const __m512bh s = (__m512bh)_mm512_set1_epi32((int)xp[r * H + j]);
-        lo[r] = (v16)_mm512_dpbf16_ps((__m512)lo[r], w0, s);
-        hi[r] = (v16)_mm512_dpbf16_ps((__m512)hi[r], w1, s);
+        acc_lo[a][r] = (v16)_mm512_dpbf16_ps((__m512)acc_lo[a][r], w0, s);
+        acc_hi[a][r] = (v16)_mm512_dpbf16_ps((__m512)acc_hi[a][r], w1, s);
       }
-    }
+    };
 #else
     const float* xr = out.x + r0 * K;
     const v16w high = (v16w){} + 0xffff0000u;
-    for (int64_t j = 0; j < H; ++j) {
-      const v16w a = *(const v16wu*)(wp + j * 2 * kPanel);
-      const v16w b = *(const v16wu*)(wp + j * 2 * kPanel + kPanel);
-      const v16 a0 = AsFloat(a << 16), a1 = AsFloat(a & high);
-      const v16 b0 = AsFloat(b << 16), b1 = AsFloat(b & high);
+    auto step = [&](int a, int64_t j) {
+      PrefetchAhead(wp + j * 2 * kPanel);
+      PrefetchAhead(wp + j * 2 * kPanel + kPanel);
+      const v16w wa = *(const v16wu*)(wp + j * 2 * kPanel);
+      const v16w wb = *(const v16wu*)(wp + j * 2 * kPanel + kPanel);
+      const v16 a0 = AsFloat(wa << 16), a1 = AsFloat(wa & high);
+      const v16 b0 = AsFloat(wb << 16), b1 = AsFloat(wb & high);
       for (int r = 0; r < R; ++r) {
         const float s0 = xr[r * K + 2 * j], s1 = xr[r * K + 2 * j + 1];
-        lo[r] += s0 * a0 + s1 * a1;
-        hi[r] += s0 * b0 + s1 * b1;
+        acc_lo[a][r] += s0 * a0 + s1 * a1;
+        acc_hi[a][r] += s0 * b0 + s1 * b1;
       }
-    }
+    };
 #endif
+    int64_t j = 0;
+    for (; j + A <= H; j += A)
+      for (int a = 0; a < A; ++a) step(a, j + a);
+    for (; j < H; ++j) step(0, j);
+    Reduce<A, R>(acc_lo, acc_hi);
+    v16* lo = acc_lo[0];
+    v16* hi = acc_hi[0];
     if (K % 2) {  // the plain last row
       const uint16_t* t = wp + (K - 1) * kPanel;
       const v16 t0 = AsFloat(__builtin_convertvector(*(const v16h*)t, v16w) << 16);

@@ -144,6 +144,16 @@ class Transformer(nn.Module):
 
   # -- pieces (also used by the decode engine through ``method=``) ------------
   def embed_tokens(self, tokens):
+    table = self.embed.embedding
+    if table.dtype != jnp.dtype(self.cfg.dtype):
+      # A low-precision table (bf16/int8 decode layouts): gather the rows, then
+      # convert them. nn.Embed converts the whole table first, which XLA hoists
+      # out of the decode loop as a 113 MB f32 copy written on every generate
+      # (and XLA's CPU backend does the same for a bf16 gather, which it runs
+      # in f32), so the rows are gathered as 16-bit integers.
+      bits = jax.lax.bitcast_convert_type(table, jnp.uint16)
+      rows = jax.lax.bitcast_convert_type(jnp.take(bits, tokens, axis=0), table.dtype)
+      return rows.astype(self.cfg.dtype)
     return self.embed(tokens)
 
   def head(self, h):
