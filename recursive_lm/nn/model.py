@@ -25,6 +25,8 @@ import numpy as np
 from recursive_lm.config import ConfigError, ModelConfig
 from recursive_lm.kernels.panel import to_panels
 from recursive_lm.nn import layers as L
+from recursive_lm.nn import mor_block
+from recursive_lm.nn.mor_routers import RouterBank
 from recursive_lm.nn.cache import cache_length, init_cache  # noqa: F401  (re-exported)
 
 Array = jax.Array
@@ -127,9 +129,7 @@ class Transformer(nn.Module):
             nn.initializers.normal(0.02), (L.VOCAB, L.EMBED)))
     self.prelude = [L.DecoderLayer(cfg, name=f"prelude_{i}")
                     for i in range(cfg.plan.prelude)]
-    if cfg.router is not None:  # Mixture-of-Recursions (recursive_lm.mor)
-      from recursive_lm.mor import block as mor_block  # pylint: disable=g-import-not-at-top
-      from recursive_lm.mor.routers import RouterBank  # pylint: disable=g-import-not-at-top
+    if cfg.router is not None:  # Mixture-of-Recursions (nn.mor_block, recursive_lm.mor)
       self.block = mor_block.make_block(cfg, "block")
       self.router = RouterBank(cfg)
     else:
@@ -174,7 +174,6 @@ class Transformer(nn.Module):
     if cfg.router is not None:
       if collect_loop_states:
         raise ValueError("collect_loop_states is not supported with a MoR router")
-      from recursive_lm.mor import block as mor_block  # pylint: disable=g-import-not-at-top
       h, block_cache, valid, router_out = mor_block.run(
           self, h, positions, segment_ids, cos, sin, mask, cache, write_slots,
           loop_mask, routing)
