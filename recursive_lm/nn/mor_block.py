@@ -24,8 +24,10 @@ KV strategies (``router.kv``), sequence mode:
 * share_first: keys at r > 0 are every first-recursion key (queries shrink);
 * hybrid: first-recursion keys with the tokens routed to r overwritten by
   their fresh keys.
-Cache mode keeps ``block_valid [N, B, S]`` (slot s holds a key written at
-recursion n); attention masks with it, so skipped tokens are invisible.
+Cache mode keeps the cache's per-recursion validity ``KVCache.valid [N, B,
+S]`` (slot s holds a key written at recursion n); attention masks with it, so
+skipped tokens are invisible. A token not routed to a recursion writes to the
+cache's no-write slot S there (dropped), like every other skipped write.
 """
 from __future__ import annotations
 
@@ -40,7 +42,6 @@ from recursive_lm.nn import mor_routers as R
 from recursive_lm.nn import layers as L
 
 Array = jax.Array
-DROP = jnp.iinfo(jnp.int32).max
 
 
 def capacities_k(cfg: ModelConfig, t: int) -> list[int]:
@@ -129,13 +130,14 @@ class MoRBlock(nn.Module):
         new["kv_ok"] = kv_ok
     else:
       valid = carry["valid"]
-      slots = jnp.where(sel, write_slots, DROP)
+      no_write = valid.shape[-1]  # the cache's no-write slot S
+      slots = jnp.where(sel, write_slots, no_write)
       vn = valid[n].at[jnp.arange(b)[:, None], slots].set(True, mode="drop")
       if rc.kv == "recursion":
         key_ok = vn
         cache_n = [(ck[n], cv[n]) for ck, cv in cache]
       elif rc.kv == "share_first":
-        slots = jnp.where(first, slots, DROP)
+        slots = jnp.where(first, slots, no_write)
         key_ok = jnp.where(first, vn, valid[0])
         cache_n = [(ck[0], cv[0]) for ck, cv in cache]
       else:  # hybrid: own fresh keys where written at n, else recursion 1's
@@ -249,8 +251,8 @@ def gathered_block(block: MoRBlock, cfg: ModelConfig, h, positions, segment_ids,
 
 def run(model, h, positions, segment_ids, cos, sin, mask, cache, write_slots,
         loop_mask, routing):
-  """The routed block inside ``Transformer``. Returns (h, block cache, block
-  validity, router outputs dict)."""
+  """The routed block inside ``Transformer`` (``cache``: a ``KVCache`` or None).
+  Returns (h, block cache, block validity, router outputs dict)."""
   cfg = model.cfg
   rc, n_loops = cfg.router, cfg.plan.loops
   b, t = h.shape[:2]
@@ -288,8 +290,8 @@ def run(model, h, positions, segment_ids, cos, sin, mask, cache, write_slots,
       kv=([(jnp.zeros(kv_shape, h.dtype), jnp.zeros(kv_shape, h.dtype))
            for _ in range(cfg.plan.block)] if need_kv else None),
       kv_ok=jnp.zeros((b, t), bool) if need_kv else None,
-      cache=cache["block"] if cache_mode else None,
-      valid=cache["block_valid"] if cache_mode else None)
+      cache=list(cache.block) if cache_mode else None,
+      valid=cache.valid if cache_mode else None)
   xs = dict(lora=lora, router=expert_router, k=jnp.asarray(ks, jnp.int32),
             thr=jnp.asarray(thr, jnp.float32),
             full=jnp.asarray([c >= 1.0 for c in caps]), forced=loop_mask)
