@@ -15,7 +15,6 @@ JSON object) on stdout; progress goes to stderr.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import sys
@@ -37,21 +36,13 @@ flags.DEFINE_string("output", None, "Also write the JSON results to this file.")
 
 
 def resolve_tasks(patterns) -> list[str]:
-  """Expands globs (sorted, de-duplicated); a pattern matching nothing errors."""
-  out = []
-  for pat in patterns:
-    pat = pat.strip()
-    if not pat:
-      continue
-    hits = sorted(glob.glob(os.path.expanduser(pat))) if glob.has_magic(pat) \
-        else [os.path.expanduser(pat)]
-    if not hits:
-      raise app.UsageError(f"--tasks pattern {pat!r} matches no file")
-    for h in hits:
-      if not os.path.isfile(h):
-        raise app.UsageError(f"task file {h!r} not found")
-      if h not in out:
-        out.append(h)
+  """``evaluation.resolve_tasks`` (globs expanded, de-duplicated); no task file
+  at all is a usage error here."""
+  from recursive_lm import evaluation  # pylint: disable=g-import-not-at-top
+  try:
+    out = evaluation.resolve_tasks(patterns)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   if not out:
     raise app.UsageError("no task files; pass --tasks experiments/tasks/*.jsonl")
   return out

@@ -47,7 +47,7 @@ from recursive_lm.data import eval_batches, make_lm_iterator, make_source
 from recursive_lm.decode.engine import Engine
 from recursive_lm.decode.sampling import SamplingConfig
 from recursive_lm.mor import flops as F
-from recursive_lm.mor.train import make_mor_eval_step, make_mor_train_step
+from recursive_lm.training.mor_step import make_mor_eval_step, make_mor_train_step
 from recursive_lm.nn.model import init_params, param_count
 from recursive_lm.training.metrics import MetricWriter
 from recursive_lm.training.optim import OptimConfig

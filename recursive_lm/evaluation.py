@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import json
 import math
 import os
@@ -149,6 +150,29 @@ def load_task(path: str | os.PathLike) -> list[MCExample]:
       out.append(parse_example(obj, where))
   if not out:
     raise TaskFormatError(f"{path}: no examples")
+  return out
+
+
+def resolve_tasks(patterns: Iterable[str]) -> list[str]:
+  """Task file paths from paths and glob patterns (``~`` expanded; each glob's
+  matches sorted; de-duplicated in order). A pattern that matches nothing or a
+  path that is not a file raises ``ValueError`` naming it (an empty result does
+  not: callers decide whether tasks are required)."""
+  out = []
+  for pat in patterns:
+    pat = pat.strip()
+    if not pat:
+      continue
+    hits = (sorted(glob.glob(os.path.expanduser(pat))) if glob.has_magic(pat)
+            else [os.path.expanduser(pat)])
+    if not hits:
+      raise ValueError(f"--tasks pattern {pat!r} matches no file; pass jsonl task files, "
+                       "e.g. --tasks 'experiments/tasks/*.jsonl'")
+    for h in hits:
+      if not os.path.isfile(h):
+        raise ValueError(f"task file {h!r} not found; pass jsonl task files")
+      if h not in out:
+        out.append(h)
   return out
 
 

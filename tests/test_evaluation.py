@@ -16,13 +16,7 @@ from recursive_lm.nn.model import Transformer, init_params
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """XLA optimisations off: the tiny model compiles faster."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")  # conftest: XLA optimisations off
 
 
 class ToyTokenizer:

@@ -24,12 +24,7 @@ REC = tiny_config(plan=DepthPlan(1, 1, 3, 0), lora_ranks=(("q", 2),))  # exits 2
 VAN = tiny_config(plan=DepthPlan.vanilla(4))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")  # conftest: XLA optimisations off
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,7 +8,7 @@ from recursive_lm.config import DepthPlan, RouterConfig, tiny_config
 from recursive_lm.mor import flops as F
 from recursive_lm.mor import presets
 from recursive_lm.mor.losses import router_loss, update_loss_free_bias
-from recursive_lm.mor.train import make_mor_eval_step, make_mor_train_step
+from recursive_lm.training.mor_step import make_mor_eval_step, make_mor_train_step
 from recursive_lm.nn.model import Transformer, init_params, param_count
 from recursive_lm.training.optim import OptimConfig
 from recursive_lm.training.train_step import LossConfig, init_train_state

@@ -27,12 +27,7 @@ TINY = os.path.join(ROOT, "tests", "fixtures", "tiny_llama")
 STEPS = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")  # conftest: XLA optimisations off
 
 
 @pytest.fixture(scope="module")

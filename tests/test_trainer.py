@@ -29,7 +29,7 @@ import uptrain_smollm2  # noqa: E402  pylint: disable=g-import-not-at-top
 TINY = os.path.join(ROOT, "tests", "fixtures", "tiny_llama")
 STEPS = 8
 
-# The subprocess mirrors this module's numerics (conftest + _fast_compile).
+# The subprocess mirrors this module's numerics (conftest + its fast_compile fixture).
 _DRIVER = textwrap.dedent("""
     import json, sys, time
     import jax
@@ -42,12 +42,7 @@ _DRIVER = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")  # conftest: XLA optimisations off
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,7 @@ from recursive_lm.training import (KD_KINDS, LossConfig, OptimConfig, cross_entr
                                    make_train_step, schedule_fn, train_state_shardings)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """XLA optimisations off: halves compile time of the tiny train steps."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")  # conftest: XLA optimisations off
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,7 +1,6 @@
 """``convert``, ``export`` and ``eval``: model folders in and out, evaluation."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 import sys
@@ -117,26 +116,6 @@ EXPORT = Command("export", "Write a model as an unrolled Hugging Face folder or 
 
 
 # -- eval -----------------------------------------------------------------------------
-def resolve_tasks(patterns) -> list[str]:
-  """Expands globs (sorted, de-duplicated); a pattern matching nothing errors."""
-  out = []
-  for pat in patterns:
-    pat = pat.strip()
-    if not pat:
-      continue
-    hits = sorted(glob.glob(os.path.expanduser(pat))) if glob.has_magic(pat) \
-        else [os.path.expanduser(pat)]
-    if not hits:
-      raise UserError(f"--tasks pattern {pat!r} matches no file; pass jsonl task files, "
-                      "e.g. --tasks 'experiments/tasks/*.jsonl'")
-    for h in hits:
-      if not os.path.isfile(h):
-        raise UserError(f"task file {h!r} not found; pass jsonl task files")
-      if h not in out:
-        out.append(h)
-  return out
-
-
 def _define_eval(fv):
   common.define_model(fv)
   flags.DEFINE_list("tasks", None, "Multiple-choice task jsonl files or globs "
@@ -165,7 +144,10 @@ def _define_eval(fv):
 
 def _run_eval(fv):
   from recursive_lm import api, evaluation  # pylint: disable=g-import-not-at-top
-  tasks = resolve_tasks(fv.tasks or [])
+  try:
+    tasks = evaluation.resolve_tasks(fv.tasks or [])
+  except ValueError as e:
+    raise UserError(str(e)) from None
   if not (tasks or fv.perplexity or fv.text_file):
     raise UserError("eval needs --tasks FILES, --perplexity pydoc or --text_file PATH")
   text = None

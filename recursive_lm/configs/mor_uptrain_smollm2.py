@@ -6,7 +6,7 @@ first/last layers; with N_r = 3 the 28 middle layers are padded to 1+10x3+1 =
 32 effective layers, the paper's 135M layout) and a freshly initialised router
 is added to the shared block (``recursive_lm.mor.convert.add_router``). The
 student is trained with CE + ``kd_weight`` * forward-KL against the original
-model plus the router losses (``recursive_lm.mor.train.make_mor_train_step``).
+model plus the router losses (``recursive_lm.training.mor_step.make_mor_train_step``).
 
 Commands (runnable by experiments/uptrain.py)::
 

@@ -290,7 +290,7 @@ class FullDepth:
     new = jnp.where(st.done, self.pad_id, sample(o["logits"][:, 0], sub, ctx.sampling))
     recs = {}
     if self.mor:
-      from recursive_lm.mor.decode import token_depths  # pylint: disable=g-import-not-at-top
+      from recursive_lm.nn.mor_block import token_depths  # pylint: disable=g-import-not-at-top
       recs["depth"] = token_depths(o["router"])
     return StepOut(new[:, None], (~st.done).astype(jnp.int32), o["cache"], st.pstate, rng,
                    recs)

@@ -48,7 +48,7 @@ from recursive_lm.nn import unrolled as D
 from recursive_lm.decode.engine import (DecodeState, GenerateOutput, StepCtx, StepOut,
                                         decode_loop, prefill_step, prepare, token_ids)
 from recursive_lm.decode.sampling import SamplingConfig, argmax, sample
-from recursive_lm.nn.cache import cache_length
+from recursive_lm.nn.cache import cache_length, normalize_cache
 from recursive_lm.nn.model import Transformer, decode_layout
 
 Array = jax.Array
@@ -100,12 +100,6 @@ def sampling_probs(logits: Array, cfg: SamplingConfig) -> Array:
     cutoff = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
     z = jnp.where(z < cutoff, neg, z)
   return jax.nn.softmax(z, axis=-1)
-
-
-def normalize_cache(cache):
-  """One pytree structure for the cache (lists of (k, v) tuples), so that the
-  outputs of ``Transformer`` and of ``decode.depth`` can share a loop carry."""
-  return {g: [tuple(c) for c in v] for g, v in cache.items()}
 
 
 def resolve_draft_layers(cfg: ModelConfig, draft_layers: int | None,

@@ -9,9 +9,11 @@
   router params (``params["router"]``); the converted block / LoRA params are
   kept as they are;
 * :func:`router_param_count` - router parameters (``unique_param_count`` of
-  ``recursive.convert`` counts the recursive model only);
-* :func:`make_router_evaluator` - held-out NLL with causal (threshold) routing
-  and the top-k router metrics, logged next to the student's top-k perplexity.
+  ``recursive.convert`` counts the recursive model only).
+
+The held-out evaluation with causal routing (``make_router_evaluator``) and the
+MoR train/eval steps live in ``training.mor_step`` (training imports mor, never
+the reverse).
 
 Router init: the paper's linear router is N(0, 0.02) with the gate
 0.1 * sigmoid(z) on a residual-inclusive update (spec §2.2), which is a
@@ -33,7 +35,7 @@ g -> 0, i.e. switch the deeper recursions off.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import flax.linen as nn
@@ -41,6 +43,7 @@ import flax.linen as nn
 from recursive_lm.config import (ROUTER_GATES, ROUTER_GATING, ROUTER_IMPLS, ROUTER_KINDS,
                                  ROUTER_KV, ROUTER_TYPES, ConfigError, ModelConfig,
                                  RouterConfig)
+from recursive_lm.nn.mor_routers import RouterBank
 
 _ROUTER_STD = 0.02  # RouterBank's normal init
 _CHOICES = {"kind": ROUTER_KINDS, "router_type": ROUTER_TYPES, "gate": ROUTER_GATES,
@@ -87,7 +90,6 @@ def router_config(node: Mapping[str, Any]) -> RouterConfig:
 def init_router_params(cfg: ModelConfig, seed: int = 0, init_std: float = 0.001
                        ) -> dict:
   """Fresh router params of ``cfg.router`` (the tree under ``params["router"]``)."""
-  from recursive_lm.mor.routers import RouterBank  # pylint: disable=g-import-not-at-top
   if cfg.router is None:
     raise ValueError("init_router_params needs cfg.router")
   key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x4D6F52)  # "MoR"
@@ -112,47 +114,9 @@ def router_param_count(cfg: ModelConfig) -> int:
   """Number of router parameters of ``cfg`` (0 without a router)."""
   if cfg.router is None:
     return 0
-  from recursive_lm.mor.routers import RouterBank  # pylint: disable=g-import-not-at-top
   shapes = jax.eval_shape(lambda: nn.unbox(RouterBank(cfg).init(jax.random.PRNGKey(0))))
   return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)))
 
 
-def make_eval_fn(cfg: ModelConfig, routing: str | None = None) -> Callable:
-  """``(params, batch) -> (sum NLL, n)`` of the MoR eval step (router metrics
-  dropped): the trainer's ``make_eval_step`` contract."""
-  from recursive_lm.mor.train import make_mor_eval_step  # pylint: disable=g-import-not-at-top
-  step = make_mor_eval_step(cfg, routing)
-  return lambda params, batch: step(params, batch)[:2]
-
-
-def make_router_evaluator(cfg: ModelConfig, p_sh, b_sh, rep, batches
-                          ) -> Callable[[Any], dict]:
-  """``params -> dict``: held-out NLL/ppl with causal routing
-  (``causal_nll``/``causal_ppl``; expert: sigma(z) > 0.5, token: argmax) and
-  the top-k forward's router metrics averaged over ``batches``
-  (``router_eval/...``: occupancy, sampling accuracy, dead-token ratio, MaxVio)."""
-  from recursive_lm.mor.train import make_mor_eval_step  # pylint: disable=g-import-not-at-top
-  topk = jax.jit(make_mor_eval_step(cfg), in_shardings=(p_sh, b_sh), out_shardings=rep)
-  causal = jax.jit(make_mor_eval_step(cfg, "threshold"), in_shardings=(p_sh, b_sh),
-                   out_shardings=rep)
-
-  def evaluate(params) -> dict:
-    nll = n = 0.0
-    sums: dict[str, float] = {}
-    for b in batches:
-      s, c, _ = causal(params, b)
-      nll, n = nll + float(s), n + float(c)
-      _, _, rm = topk(params, b)
-      for k, v in jax.device_get(rm).items():
-        sums[k] = sums.get(k, 0.0) + float(v)
-    out = {f"router_eval/{k.split('/', 1)[-1]}": v / len(batches) for k, v in sums.items()}
-    if n:
-      out.update(causal_nll=nll / n, causal_ppl=math.exp(nll / n))
-    return out
-
-  return evaluate
-
-
-__all__ = ["EXTRA_KEYS", "add_router", "init_router_params", "make_eval_fn",
-           "make_router_evaluator", "router_config", "router_param_count",
-           "router_problems"]
+__all__ = ["EXTRA_KEYS", "add_router", "init_router_params", "router_config",
+           "router_param_count", "router_problems"]

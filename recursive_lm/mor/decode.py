@@ -26,11 +26,7 @@ from recursive_lm.config import ModelConfig
 from recursive_lm.decode.engine import Engine, FullDepth, GenerateOutput
 from recursive_lm.decode.sampling import SamplingConfig
 from recursive_lm.nn.model import Transformer
-
-
-def token_depths(router_out: dict) -> jax.Array:
-  """Recursions each token passed, [B, T] int32 (from ``sel`` [N, B, T])."""
-  return jnp.sum(router_out["sel"].astype(jnp.int32), axis=0)
+from recursive_lm.nn.mor_block import token_depths  # noqa: F401  (re-exported)
 
 
 @dataclasses.dataclass

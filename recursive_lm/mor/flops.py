@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 from recursive_lm.config import ModelConfig
+from recursive_lm.nn.model import LORA_SHAPES
 
 
 def _layer_linear(cfg: ModelConfig, kv: bool = True) -> int:
@@ -31,7 +32,6 @@ def _layer_linear(cfg: ModelConfig, kv: bool = True) -> int:
 
 
 def _lora_dims(cfg, t):
-  from recursive_lm.nn.model import LORA_SHAPES  # pylint: disable=g-import-not-at-top
   return LORA_SHAPES[t](cfg)
 
 

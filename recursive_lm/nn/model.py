@@ -25,7 +25,10 @@ import numpy as np
 from recursive_lm.config import ConfigError, ModelConfig
 from recursive_lm.kernels.panel import to_panels
 from recursive_lm.nn import layers as L
-from recursive_lm.nn.cache import cache_length, init_cache  # noqa: F401  (re-exported)
+from recursive_lm.nn import mor_block
+from recursive_lm.nn.mor_routers import RouterBank
+from recursive_lm.nn.cache import (KVCache, as_kv_cache, cache_length,  # noqa: F401
+                                   init_cache)  # (re-exported)
 
 Array = jax.Array
 
@@ -54,10 +57,10 @@ class _LoopBody(nn.Module):
     lora_n, loop_mask = xs
     h_in = h
     slots = write_slots
-    if loop_mask is not None and write_slots is not None:
-      # Tokens that skip this loop write no KV here (recursion-wise caching).
-      drop = jnp.iinfo(write_slots.dtype).max
-      slots = jnp.where(loop_mask, write_slots, drop)
+    if loop_mask is not None and write_slots is not None and cache is not None:
+      # Tokens that skip this loop write no KV here (recursion-wise caching):
+      # the cache's no-write slot S.
+      slots = jnp.where(loop_mask, write_slots, cache[0][0].shape[3])
     new_cache = []
     for k in range(self.cfg.plan.block):
       c = None if cache is None else (cache[k][0][n], cache[k][1][n])
@@ -127,9 +130,7 @@ class Transformer(nn.Module):
             nn.initializers.normal(0.02), (L.VOCAB, L.EMBED)))
     self.prelude = [L.DecoderLayer(cfg, name=f"prelude_{i}")
                     for i in range(cfg.plan.prelude)]
-    if cfg.router is not None:  # Mixture-of-Recursions (recursive_lm.mor)
-      from recursive_lm.mor import block as mor_block  # pylint: disable=g-import-not-at-top
-      from recursive_lm.mor.routers import RouterBank  # pylint: disable=g-import-not-at-top
+    if cfg.router is not None:  # Mixture-of-Recursions (nn.mor_block, recursive_lm.mor)
       self.block = mor_block.make_block(cfg, "block")
       self.router = RouterBank(cfg)
     else:
@@ -173,35 +174,38 @@ class Transformer(nn.Module):
     cfg = self.cfg
     cos, sin = L.rope_cos_sin(cfg.rope, cfg.head_dim, positions)
     cache_mode = cache is not None
-    kv_len = cache_length(cache) if cache_mode else None
+    if cache_mode:
+      cache = as_kv_cache(cache)
+      if cfg.router is not None and cache.valid is None:
+        raise ValueError("a MoR model's cache needs its per-recursion validity "
+                         "(KVCache.valid); build it with init_cache(cfg, batch, length)")
+    kv_len = cache.length if cache_mode else None
     mask = L.attention_mask(positions, segment_ids, kv_len, cache_mode)
-    new = {"prelude": [], "block": None, "coda": []}
+    new_prelude, new_coda, valid = [], [], None
     for i, layer in enumerate(self.prelude):
-      h, c = layer(h, cos, sin, mask, cache["prelude"][i] if cache_mode else None,
+      h, c = layer(h, cos, sin, mask, cache.prelude[i] if cache_mode else None,
                    write_slots)
-      new["prelude"].append(c)
+      new_prelude.append(c)
     router_out = None
     if cfg.router is not None:
       if collect_loop_states:
         raise ValueError("collect_loop_states is not supported with a MoR router")
-      from recursive_lm.mor import block as mor_block  # pylint: disable=g-import-not-at-top
       h, block_cache, valid, router_out = mor_block.run(
           self, h, positions, segment_ids, cos, sin, mask, cache, write_slots,
           loop_mask, routing)
       states = None
-      if cache_mode:
-        new["block_valid"] = valid
     else:
       lora = self.lora() if cfg.lora else None
-      carry = (h, cache["block"] if cache_mode else None, jnp.zeros((), jnp.int32))
+      carry = (h, list(cache.block) if cache_mode else None, jnp.zeros((), jnp.int32))
       (h, block_cache, _), states = self.block(carry, (lora, loop_mask), cos, sin,
                                                mask, write_slots)
-    new["block"] = block_cache
     for i, layer in enumerate(self.coda):
-      h, c = layer(h, cos, sin, mask, cache["coda"][i] if cache_mode else None,
+      h, c = layer(h, cos, sin, mask, cache.coda[i] if cache_mode else None,
                    write_slots)
-      new["coda"].append(c)
-    return (h, (new if cache_mode else None),
+      new_coda.append(c)
+    new = (KVCache(prelude=new_prelude, block=block_cache, coda=new_coda, valid=valid)
+           if cache_mode else None)
+    return (h, new,
             (states if collect_loop_states else None), router_out)
 
   def __call__(self, tokens, positions=None, segment_ids=None, cache=None,

@@ -11,6 +11,7 @@ runs here unchanged:
 * ``run_layers(cfg, params, start, end, h, positions, cache, write_slots)``:
   unrolled layers ``[start, end)`` (static ints) in cache mode, writing KV at
   per-row ``write_slots`` (slot == position; out-of-range slots write nothing);
+  the cache functions return a ``nn.cache.KVCache``;
 * ``apply_loop(cfg, params, loop, h, ...)``: the K shared-block layers at a
   loop index that may differ per row (``loop`` int or int array [B]): per-row
   LoRA and per-row cache depth are gathered; this is depth-wise batching's step;
@@ -34,7 +35,8 @@ import jax.numpy as jnp
 
 from recursive_lm.config import ModelConfig
 from recursive_lm.nn import layers as L
-from recursive_lm.nn.model import Transformer, cache_length
+from recursive_lm.nn.cache import as_kv_cache
+from recursive_lm.nn.model import Transformer
 
 Array = jax.Array
 
@@ -98,20 +100,20 @@ def _read_cache(cache, unit, loop):
 
 
 def _write_cache(cache, unit, loop, new):
+  """The cache (a ``KVCache``; a dict in the former layout is converted) with
+  the layer's new (keys, values) written at ``loop``."""
   group, idx, _ = unit
   if cache is None:
     return None
-  cache = {g: list(v) for g, v in cache.items()}
+  cache = as_kv_cache(cache)
   if group != "block":
-    cache[group][idx] = new
-    return cache
-  ck, cv = cache["block"][idx]
+    return cache.with_layer(group, idx, new)
+  ck, cv = cache.block[idx]
   if isinstance(loop, int):
-    cache["block"][idx] = (ck.at[loop].set(new[0]), cv.at[loop].set(new[1]))
-  else:
-    rows = jnp.arange(ck.shape[1])
-    cache["block"][idx] = (ck.at[loop, rows].set(new[0]), cv.at[loop, rows].set(new[1]))
-  return cache
+    return cache.with_layer("block", idx, (ck.at[loop].set(new[0]), cv.at[loop].set(new[1])))
+  rows = jnp.arange(ck.shape[1])
+  return cache.with_layer("block", idx, (ck.at[loop, rows].set(new[0]),
+                                         cv.at[loop, rows].set(new[1])))
 
 
 def _apply_unit(cfg, params, unit, loop, h, cos, sin, mask, cache, write_slots):
@@ -134,8 +136,8 @@ def run_layers(cfg: ModelConfig, params, start: int, end: int, h: Array,
                      f"{len(units)} unrolled layers")
   if write_slots is None:
     write_slots = positions
-  kv_len = cache_length(cache)
-  cos, sin, mask = rope_and_mask(cfg, positions, kv_len)
+  cache = as_kv_cache(cache)
+  cos, sin, mask = rope_and_mask(cfg, positions, cache.length)
   for i in range(start, end):
     h, cache = _apply_unit(cfg, params, units[i], units[i][2], h, cos, sin, mask,
                            cache, write_slots)
@@ -147,8 +149,8 @@ def apply_loop(cfg: ModelConfig, params, loop, h: Array, positions: Array, cache
   """The shared block's K layers at loop index ``loop`` (int or [B] per row)."""
   if write_slots is None:
     write_slots = positions
-  kv_len = cache_length(cache)
-  cos, sin, mask = rope_and_mask(cfg, positions, kv_len)
+  cache = as_kv_cache(cache)
+  cos, sin, mask = rope_and_mask(cfg, positions, cache.length)
   if not isinstance(loop, int):
     loop = jnp.asarray(loop, jnp.int32)
   for k in range(cfg.plan.block):
@@ -193,6 +195,7 @@ def propagate_kv(cfg: ModelConfig, params, start: int, end: int, h: Array,
   units = cfg.plan.unrolled()
   if write_slots is None:
     write_slots = positions
+  cache = as_kv_cache(cache)
   cos, sin = L.rope_cos_sin(cfg.rope, cfg.head_dim, positions)
   for i in range(start, end):
     unit = units[i]

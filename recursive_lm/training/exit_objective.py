@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recursive_lm.config import ModelConfig
-from recursive_lm.decode import depth as D
+from recursive_lm.nn import unrolled as D
 from recursive_lm.training import exit_losses as X
 from recursive_lm.training.exit_forward import (exit_forward, final_norm,
                                                 layer_drop_rates, layer_keep_mask)

@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from recursive_lm.nn.model import LORA_SHAPES
+
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 
@@ -59,7 +61,6 @@ def layer_matmul_params(cfg) -> int:
 
 def applied_params(cfg) -> int:
   """N_eff: matmul params applied per token (shared block once per loop)."""
-  from recursive_lm.nn.model import LORA_SHAPES  # pylint: disable=g-import-not-at-top
   lora = cfg.plan.loops * cfg.plan.block * sum(
       r * sum(LORA_SHAPES[t](cfg)) for t, r in cfg.lora.items())
   return cfg.plan.effective_depth * layer_matmul_params(cfg) + lora \

@@ -54,11 +54,15 @@ from recursive_lm.checkpoints import load_checkpoint
 from recursive_lm.config import ConfigError
 from recursive_lm.data import (make_sharded_lm_iterator, make_source,
                                sharded_eval_batches)
+from recursive_lm.mor import convert as mor_convert
 from recursive_lm.nn.weights import params_from_hf
 from recursive_lm.recursive.convert import (INITS, NONDIVISIBLE, SHARINGS, convert,
                                             describe, unique_param_count)
 from recursive_lm.training import checkpointing as C
 from recursive_lm.training import metrics as M
+from recursive_lm.training import mor_step
+from recursive_lm.training.exit_losses import resolve_exits
+from recursive_lm.training.exit_objective import exit_metrics, make_exit_eval_step
 from recursive_lm.training.losses import KD_KINDS
 from recursive_lm.training.optim import OptimConfig
 from recursive_lm.training.train_step import (LossConfig, init_train_state,
@@ -133,8 +137,7 @@ def validate_config(config) -> None:
        "use 'none', 'full' or a jax.checkpoint_policies name")
   rnode = _router_node(config)
   if rnode is not None:
-    from recursive_lm.mor.convert import router_problems
-    p += router_problems(rnode, config.convert.get("loops"))
+    p += mor_convert.router_problems(rnode, config.convert.get("loops"))
     if config.loss.get("exit") is not None:
       p.append("config.loss.exit with config.convert.router: exit losses need the "
                "per-loop states, which MoR routing does not expose; drop one of them")
@@ -251,9 +254,8 @@ def _student(config, ck):
                         cv.lora_rank or None, cv.nondivisible, config.seed)
   rnode = _router_node(config)
   if rnode is not None:  # Mixture-of-Recursions uptraining (recursive_lm.mor.convert)
-    from recursive_lm.mor.convert import add_router, router_config
-    cfg, params = add_router(cfg, params, router_config(rnode), config.seed,
-                             rnode.get("init_std", 0.001))
+    cfg, params = mor_convert.add_router(cfg, params, mor_convert.router_config(rnode),
+                                         config.seed, rnode.get("init_std", 0.001))
   return cfg, params
 
 
@@ -262,8 +264,6 @@ def _exit_evaluator(cfg, lcfg, p_sh, b_sh, rep, val) -> Callable[[Any], dict]:
   returns {} when ``lcfg.exit`` is None."""
   if lcfg.exit is None:
     return lambda params: {}
-  from recursive_lm.training.exit_losses import resolve_exits
-  from recursive_lm.training.exit_objective import exit_metrics, make_exit_eval_step
   layers = resolve_exits(cfg, lcfg.exit)
   fn = jax.jit(make_exit_eval_step(cfg, layers), in_shardings=(p_sh, b_sh),
                out_shardings=rep)
@@ -336,9 +336,6 @@ def _train(config, hooks: Sequence[Hook], guard: C.PreemptionGuard, t_start: flo
   cfg = cfg.replace(dtype=config.model_dtype, remat=config.remat)
   t_params = params_from_hf(ck.config, ck.weights)
   mor = cfg.router is not None
-  if mor:
-    from recursive_lm.mor import convert as mor_convert
-    from recursive_lm.mor.train import make_mor_train_step
   student_unique = unique_param_count(cfg) + (
       mor_convert.router_param_count(cfg) if mor else 0)
   teacher_unique = unique_param_count(teacher_cfg)
@@ -387,13 +384,13 @@ def _train(config, hooks: Sequence[Hook], guard: C.PreemptionGuard, t_start: flo
   del s_params
   use_teacher = lcfg.kd_weight != 0
   rep = S.replicated(mesh)
-  s_eval = jax.jit(mor_convert.make_eval_fn(cfg) if mor else make_eval_step(cfg),
+  s_eval = jax.jit(mor_step.make_eval_fn(cfg) if mor else make_eval_step(cfg),
                    in_shardings=(p_sh, b_sh), out_shardings=(rep, rep))
   t_eval = jax.jit(make_eval_step(teacher_cfg), in_shardings=(t_sh, b_sh),
                    out_shardings=(rep, rep))
   x_eval = _exit_evaluator(cfg, lcfg, p_sh, b_sh, rep, val)  # {} without exits
   if mor:  # causal-routing NLL + router metrics (validate_config excludes exits)
-    x_eval = mor_convert.make_router_evaluator(cfg, p_sh, b_sh, rep, val)
+    x_eval = mor_step.make_router_evaluator(cfg, p_sh, b_sh, rep, val)
 
   # -- resume --------------------------------------------------------------------
   tr = config.train
@@ -429,7 +426,7 @@ def _train(config, hooks: Sequence[Hook], guard: C.PreemptionGuard, t_start: flo
   meta = {"model_config": model_id, "facts": facts, "config": config.to_dict()}
 
   # -- compile -------------------------------------------------------------------
-  make_step = make_mor_train_step if mor else make_train_step
+  make_step = mor_step.make_mor_train_step if mor else make_train_step
   step_fn = jit_train_step(make_step(cfg, ocfg, lcfg, teacher_cfg), mesh, st_sh,
                            t_sh if use_teacher else None, b_sh)
   teacher_arg = t_params if use_teacher else None

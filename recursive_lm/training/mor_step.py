@@ -1,5 +1,7 @@
 """MoR train/eval steps: the LM (+ KD) loss of ``training.losses`` plus the
-router losses of ``mor.losses``; loss-free bias update after each step.
+router losses of ``mor.losses``; loss-free bias update after each step; the
+trainer's held-out MoR evaluation (``make_eval_fn``, ``make_router_evaluator``).
+(Formerly ``mor.train``: training imports ``mor``, ``mor`` never imports training.)
 
 Same contract as ``training.train_step.make_train_step`` (``TrainState``,
 ``train_step(state, teacher_params, batch) -> (state, metrics)``), so the
@@ -7,6 +9,7 @@ sharded ``jit_train_step`` applies unchanged.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
@@ -98,3 +101,37 @@ def make_mor_eval_step(model_cfg: ModelConfig, routing: str | None = None) -> Ca
     return jnp.sum((lse - tgt) * m), jnp.sum(m), rm
 
   return eval_step
+
+
+def make_eval_fn(cfg: ModelConfig, routing: str | None = None) -> Callable:
+  """``(params, batch) -> (sum NLL, n)`` of the MoR eval step (router metrics
+  dropped): the trainer's ``make_eval_step`` contract."""
+  step = make_mor_eval_step(cfg, routing)
+  return lambda params, batch: step(params, batch)[:2]
+
+
+def make_router_evaluator(cfg: ModelConfig, p_sh, b_sh, rep, batches
+                          ) -> Callable[[Any], dict]:
+  """``params -> dict``: held-out NLL/ppl with causal routing
+  (``causal_nll``/``causal_ppl``; expert: sigma(z) > 0.5, token: argmax) and
+  the top-k forward's router metrics averaged over ``batches``
+  (``router_eval/...``: occupancy, sampling accuracy, dead-token ratio, MaxVio)."""
+  topk = jax.jit(make_mor_eval_step(cfg), in_shardings=(p_sh, b_sh), out_shardings=rep)
+  causal = jax.jit(make_mor_eval_step(cfg, "threshold"), in_shardings=(p_sh, b_sh),
+                   out_shardings=rep)
+
+  def evaluate(params) -> dict:
+    nll = n = 0.0
+    sums: dict[str, float] = {}
+    for b in batches:
+      s, c, _ = causal(params, b)
+      nll, n = nll + float(s), n + float(c)
+      _, _, rm = topk(params, b)
+      for k, v in jax.device_get(rm).items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+    out = {f"router_eval/{k.split('/', 1)[-1]}": v / len(batches) for k, v in sums.items()}
+    if n:
+      out.update(causal_nll=nll / n, causal_ppl=math.exp(nll / n))
+    return out
+
+  return evaluate
