@@ -13,25 +13,11 @@ from recursive_lm import api, compile_cache, export
 from recursive_lm.checkpoints.hf_folder import CheckpointError
 from recursive_lm.config import tiny_config
 from recursive_lm.nn.model import init_params
+from toy_tokenizer import ToyTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "fixtures", "tiny_llama")
 
-
-class ToyTokenizer:
-  """Byte-level: UTF-8 byte b -> id b % 95 + 2 (vocab 97 of ``tiny_config``)."""
-  eos_id = 1
-
-  def encode(self, text, add_bos=None):
-    del add_bos
-    return [b % 95 + 2 for b in text.encode("utf-8")]
-
-  def decode(self, ids, skip_special_tokens=False):
-    del skip_special_tokens
-    return "".join(chr(32 + (i - 2) % 95) for i in ids)
-
-  def apply_chat_template(self, messages):
-    return "<user>" + messages[0]["content"] + "<assistant>"
 
 
 pytestmark = pytest.mark.usefixtures("fast_compile")

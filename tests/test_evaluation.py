@@ -12,19 +12,13 @@ from recursive_lm import evaluation as E
 from recursive_lm.config import tiny_config
 from recursive_lm.data import TextSource, eval_batches
 from recursive_lm.nn.model import Transformer, init_params
+from toy_tokenizer import ToyTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # conftest: XLA optimisations off
 
-
-class ToyTokenizer:
-  """Byte-level: every UTF-8 byte -> id 2..96 (vocab 97 of ``tiny_config``)."""
-
-  def encode(self, text, add_bos=None):
-    del add_bos
-    return [b % 95 + 2 for b in text.encode("utf-8")]
 
 
 CFG = tiny_config(max_seq_len=128)

@@ -12,20 +12,10 @@ from recursive_lm.config import DepthPlan, tiny_config
 from recursive_lm.exits.artifact import ExitArtifactError, ExitSet, model_identity, save_exits
 from recursive_lm.exits import modules as M
 from recursive_lm.nn.model import init_params
+from toy_tokenizer import ToyTokenizer
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
-
-class ToyTokenizer:
-  eos_id = 1
-
-  def encode(self, text, add_bos=None):
-    del add_bos
-    return [b % 95 + 2 for b in text.encode("utf-8")]
-
-  def decode(self, ids, skip_special_tokens=False):
-    del skip_special_tokens
-    return "".join(chr(32 + (i - 2) % 95) for i in ids)
 
 
 def _exits_for(cfg, params, layers, seed=0):
