@@ -23,3 +23,19 @@ def fast_compile():
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", old)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """A small seeded JSONL corpus (300 documents of 10-60 words) for training tests."""
+  import json  # pylint: disable=g-import-not-at-top
+  import random  # pylint: disable=g-import-not-at-top
+  rng = random.Random(0)
+  words = ("the cat sat on a mat while dogs ran in the park and birds sang "
+           "songs of joy").split()
+  path = tmp_path_factory.mktemp("data") / "docs.jsonl"
+  with open(path, "w") as f:
+    for _ in range(300):
+      n = rng.randint(10, 60)
+      f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(n))}) + "\n")
+  return str(path)

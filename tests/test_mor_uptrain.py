@@ -6,7 +6,6 @@ model loads and decodes with ``MoREngine``; bad router settings are explained.""
 import dataclasses
 import json
 import os
-import random
 import signal
 import sys
 
@@ -28,19 +27,6 @@ STEPS = 6
 
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # conftest: XLA optimisations off
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  rng = random.Random(0)
-  words = ("the cat sat on a mat while dogs ran in the park and birds sang "
-           "songs of joy").split()
-  path = tmp_path_factory.mktemp("data") / "docs.jsonl"
-  with open(path, "w") as f:
-    for _ in range(300):
-      n = rng.randint(10, 60)
-      f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(n))}) + "\n")
-  return str(path)
 
 
 def make_config(workdir, corpus, variant=""):

@@ -20,7 +20,6 @@ Prints the loss sequences side by side (``pytest -s``).
 """
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -42,19 +41,6 @@ RUN_TIMEOUT_S = 300      # one whole launch (start-up, compile, 8 steps, export)
 HEARTBEAT_S = 5          # JAX coordination-service heartbeat timeout in the tests
 FAIL_BOUND_S = 45        # a survivor must stop on its own within this (asserted)
 ATOL = 2e-5              # float32 all-reduce order across processes / meshes
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  rng = random.Random(0)
-  words = ("the cat sat on a mat while dogs ran in the park and birds sang "
-           "songs of joy").split()
-  path = tmp_path_factory.mktemp("data") / "docs.jsonl"
-  with open(path, "w") as f:
-    for _ in range(300):
-      n = rng.randint(10, 60)
-      f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(n))}) + "\n")
-  return str(path)
 
 
 _CACHE = {}

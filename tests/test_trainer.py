@@ -3,7 +3,6 @@ config errors. Tiny random Llama (tests/fixtures/tiny_llama, vocab 97) as the
 teacher, a byte-level toy encoding and a small jsonl corpus."""
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -43,19 +42,6 @@ _DRIVER = textwrap.dedent("""
 
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # conftest: XLA optimisations off
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  rng = random.Random(0)
-  words = ("the cat sat on a mat while dogs ran in the park and birds sang "
-           "songs of joy").split()
-  path = tmp_path_factory.mktemp("data") / "docs.jsonl"
-  with open(path, "w") as f:
-    for _ in range(300):
-      n = rng.randint(10, 60)
-      f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(n))}) + "\n")
-  return str(path)
 
 
 def make_config(workdir, corpus, variant="", **train_overrides):
