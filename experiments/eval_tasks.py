@@ -16,7 +16,6 @@ JSON object) on stdout; progress goes to stderr.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
@@ -59,28 +58,15 @@ def main(argv):
   model = api.load(FLAGS.model)
   print(f"loaded {model.cfg.name} from {model.source} "
         f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr, flush=True)
-  results = {}
-  for path in tasks:
-    t = time.perf_counter()
-    r = evaluation.evaluate_model(model, [path], k_shot=FLAGS.k_shot, seed=FLAGS.seed,
-                                  batch_size=FLAGS.batch_size, limit=FLAGS.limit)
-    name, res = next(iter(r.items()))
-    if name in results:
-      raise app.UsageError(f"two task files are named {name!r}")
-    res["seconds"] = round(time.perf_counter() - t, 2)
-    res["path"] = path
-    results[name] = res
-    print(f"{name}: acc {res['acc']:.3f} acc_norm {res['acc_norm']:.3f} "
-          f"(n={res['n']}, {res['seconds']:.1f}s)", file=sys.stderr, flush=True)
+  results = evaluation.evaluate_model(
+      model, tasks, k_shot=FLAGS.k_shot, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
+      limit=FLAGS.limit,
+      on_task=lambda name, r: print(evaluation.task_line(name, r), file=sys.stderr,
+                                    flush=True))
   report = {"model": FLAGS.model, "source": model.source, "k_shot": FLAGS.k_shot,
-            "seed": FLAGS.seed,
-            "tasks": {k: {m: v for m, v in r.items() if m != "predictions"}
-                      for k, r in results.items()}}
+            "seed": FLAGS.seed, "tasks": evaluation.without_predictions(results)}
   if FLAGS.output:
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-    with open(FLAGS.output, "w") as f:
-      json.dump(dict(report, predictions={k: r["predictions"]
-                                          for k, r in results.items()}), f, indent=2)
+    evaluation.save_report(FLAGS.output, report, results)
   if FLAGS.json:
     print(json.dumps(report))
   else:

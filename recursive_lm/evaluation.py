@@ -41,7 +41,8 @@ import glob
 import json
 import math
 import os
-from typing import Any, Iterable, Mapping, Sequence
+import time
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -173,7 +174,20 @@ def resolve_tasks(patterns: Iterable[str]) -> list[str]:
         raise ValueError(f"task file {h!r} not found; pass jsonl task files")
       if h not in out:
         out.append(h)
+  check_task_names(out)
   return out
+
+
+def check_task_names(paths: Sequence[str | os.PathLike]) -> None:
+  """Raises ``ValueError`` when two task files have one name (their results would
+  collide)."""
+  seen = {}
+  for p in paths:
+    name = task_name(p)
+    if name in seen:
+      raise ValueError(f"two task files are named {name!r} ({seen[name]}, {os.fspath(p)}); "
+                       "rename one")
+    seen[name] = os.fspath(p)
 
 
 def task_name(path: str | os.PathLike) -> str:
@@ -377,27 +391,55 @@ def _unpack_model(model: Any):
 
 def evaluate_model(model: Any = None, tasks: Sequence[str | os.PathLike] = (),
                    k_shot: int = 2, seed: int = 0, batch_size: int = 8,
-                   limit: int | None = None) -> dict[str, dict]:
+                   limit: int | None = None,
+                   on_task: Callable[[str, dict], None] | None = None
+                   ) -> dict[str, dict]:
   """Scores a model on task files: ``{task_name: evaluate_task(...)}``.
 
   ``model``: a spec for ``api.load`` (preset name / GGUF / HF folder /
   recursive_lm folder; None is the embedded default), a loaded model with
   ``cfg``, ``params``, ``tokenizer`` (``api.LoadedModel``,
-  ``export.LoadedModel``) or a ``(cfg, params, tokenizer)`` tuple.
+  ``export.LoadedModel``) or a ``(cfg, params, tokenizer)`` tuple. Each result
+  also holds ``seconds`` and ``path``; ``on_task(name, result)`` is called as
+  each task finishes (progress lines). Two files with one task name are an
+  error before anything is scored.
   """
   cfg, params, tok = _unpack_model(model)
   if tok is None:
     raise ValueError("evaluate_model needs a model with a tokenizer")
   if not tasks:
     raise ValueError("evaluate_model: no task files given")
+  check_task_names(tasks)
   results = {}
   for path in tasks:
     name = task_name(path)
-    if name in results:
-      raise ValueError(f"two task files are named {name!r}")
-    results[name] = evaluate_task(cfg, params, tok, path, k_shot, seed, batch_size,
-                                  limit)
+    t = time.perf_counter()
+    r = evaluate_task(cfg, params, tok, path, k_shot, seed, batch_size, limit)
+    r.update(seconds=round(time.perf_counter() - t, 2), path=os.fspath(path))
+    results[name] = r
+    if on_task is not None:
+      on_task(name, r)
   return results
+
+
+def task_line(name: str, r: Mapping[str, Any]) -> str:
+  """One progress line for a finished task of ``evaluate_model``."""
+  return (f"{name}: acc {r['acc']:.3f} acc_norm {r['acc_norm']:.3f} (n={r['n']}, "
+          f"{r['seconds']:.1f}s)")
+
+
+def without_predictions(results: Mapping[str, Mapping[str, Any]]) -> dict:
+  """``evaluate_model`` results without the per-example predictions (for a report)."""
+  return {k: {m: v for m, v in r.items() if m != "predictions"} for k, r in results.items()}
+
+
+def save_report(path: str | os.PathLike, report: Mapping[str, Any],
+                results: Mapping[str, Mapping[str, Any]]) -> None:
+  """Writes ``report`` plus every task's predictions as JSON to ``path``."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(dict(report, predictions={k: r["predictions"] for k, r in results.items()}),
+              f, indent=2)
 
 
 def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:

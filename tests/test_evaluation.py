@@ -177,11 +177,28 @@ def test_evaluate_task_and_model(tmp_path):
   assert r["predictions"] == want["predictions"]
   assert r["acc"] == want["acc"] and r["acc_norm"] == want["acc_norm"]
   assert r["n"] == 6 and r["k_shot"] == 2 and r["chance"] == pytest.approx(1 / 3)
-  res = E.evaluate_model((CFG, PARAMS, TOK), [path], k_shot=1, limit=4)
-  assert list(res) == ["toy"] and res["toy"]["n"] == 4
+  seen = []
+  res = E.evaluate_model((CFG, PARAMS, TOK), [path], k_shot=1, limit=4,
+                         on_task=lambda name, r: seen.append((name, r["n"])))
+  assert list(res) == ["toy"] and res["toy"]["n"] == 4 and seen == [("toy", 4)]
+  assert res["toy"]["path"] == path and res["toy"]["seconds"] >= 0
+  assert E.task_line("toy", res["toy"]).startswith("toy: acc ")
+  assert "predictions" not in E.without_predictions(res)["toy"]
+  out = tmp_path / "out" / "report.json"
+  E.save_report(out, {"model": "tiny"}, res)
+  saved = json.loads(out.read_text())
+  assert saved["model"] == "tiny" and saved["predictions"]["toy"] == res["toy"]["predictions"]
   assert "| toy | 4 | 1 |" in E.format_table(res)
   with pytest.raises(ValueError, match="no task files"):
     E.evaluate_model((CFG, PARAMS, TOK), [])
+  # Two files with one task name: refused before any scoring, by both entry points.
+  (tmp_path / "b").mkdir()
+  other = _write(tmp_path / "b", "toy.jsonl", lines)
+  for call in (lambda: E.resolve_tasks([path, other]),
+               lambda: E.evaluate_model((CFG, PARAMS, TOK), [path, other],
+                                        on_task=lambda *_: pytest.fail("scored"))):
+    with pytest.raises(ValueError, match="two task files are named 'toy'.*rename one"):
+      call()
 
 
 def test_heldout_perplexity():

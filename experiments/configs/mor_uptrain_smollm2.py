@@ -1,19 +1,4 @@
-"""Re-export of ``recursive_lm/configs/mor_uptrain_smollm2.py`` (the config ships with the package).
-
-Kept so existing commands (``--config experiments/configs/mor_uptrain_smollm2.py:...``) and
-``import mor_uptrain_smollm2`` keep working; edit the packaged file.
-"""
-import os as _os
-import sys as _sys
-
-# This checkout's package, whichever recursive_lm is installed.
-_ROOT = _os.path.dirname(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
-if _ROOT not in _sys.path:
-  _sys.path.insert(0, _ROOT)
-
-from recursive_lm.configs import mor_uptrain_smollm2 as _impl  # noqa: E402  pylint: disable=wrong-import-position
-
-globals().update({k: v for k, v in vars(_impl).items()
-                  if not (k.startswith("__") and k.endswith("__"))})
-__doc__ = _impl.__doc__
-del _impl, _os, _sys, _ROOT
+"""Re-export of ``recursive_lm/configs/mor_uptrain_smollm2.py`` (the config ships with the package; edit
+that file), kept so ``--config experiments/configs/mor_uptrain_smollm2.py:...`` and ``import mor_uptrain_smollm2`` work."""
+from recursive_lm.configs.mor_uptrain_smollm2 import *  # noqa: F401,F403  pylint: disable=wildcard-import
+from recursive_lm.configs.mor_uptrain_smollm2 import __doc__  # noqa: F401

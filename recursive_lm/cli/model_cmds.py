@@ -167,25 +167,13 @@ def _run_eval(fv):
   if text is not None:
     report["text_file"] = dict(api.score_text(m, text), path=fv.text_file)
   results = {}
-  for path in tasks:
-    t = time.perf_counter()
-    r = evaluation.evaluate_model(m, [path], k_shot=fv.k_shot, seed=fv.seed,
-                                  batch_size=fv.batch_size, limit=fv.limit)
-    name, res = next(iter(r.items()))
-    if name in results:
-      raise UserError(f"two task files are named {name!r}; rename one")
-    res["seconds"] = round(time.perf_counter() - t, 2)
-    res["path"] = path
-    results[name] = res
-    log(f"{name}: acc {res['acc']:.3f} acc_norm {res['acc_norm']:.3f} (n={res['n']}, "
-        f"{res['seconds']:.1f}s)")
-  report["tasks"] = {k: {m_: v for m_, v in r.items() if m_ != "predictions"}
-                     for k, r in results.items()}
+  if tasks:
+    results = evaluation.evaluate_model(
+        m, tasks, k_shot=fv.k_shot, seed=fv.seed, batch_size=fv.batch_size,
+        limit=fv.limit, on_task=lambda name, r: log(evaluation.task_line(name, r)))
+  report["tasks"] = evaluation.without_predictions(results)
   if fv.output:
-    os.makedirs(os.path.dirname(os.path.abspath(fv.output)), exist_ok=True)
-    with open(fv.output, "w") as f:
-      json.dump(dict(report, predictions={k: r["predictions"] for k, r in results.items()}),
-                f, indent=2)
+    evaluation.save_report(fv.output, report, results)
   if fv.json:
     print(json.dumps(report))
     return
