@@ -20,8 +20,11 @@ checks with the full model in one chunked pass that reuses the draft's work
     choice at that position (read from the same deep pass).
 
 Every row keeps its own position pointer; rejected drafts leave stale KV
-beyond it that the causal mask hides and later rounds overwrite. All rounds
-run in one jitted ``lax.while_loop`` with static shapes.
+beyond it that the causal mask hides and later rounds overwrite. The engine
+is a policy of ``decode.engine.decode_loop`` (the one generation loop; a
+round is one step emitting 1..max_draft+1 tokens per row), with static shapes;
+its conditional work (the last shallow step, the deep-pass width) runs as
+copy-free 0/1-trip loops (``decode.inplace``).
 
 Example::
 
@@ -42,13 +45,17 @@ import numpy as np
 
 from recursive_lm.config import ModelConfig
 from recursive_lm.decode import depth as D
-from recursive_lm.decode.engine import (GenerateOutput, bucket_length, check_prompts,
-                                        prefill_step, token_ids)
+from recursive_lm.decode.engine import (DecodeState, GenerateOutput, StepCtx, StepOut,
+                                        decode_loop, prefill_step, prepare, token_ids,
+                                        trim_rows)
+from recursive_lm.decode.inplace import select_branch, when
+from recursive_lm.decode.sampling import SamplingConfig
 from recursive_lm.exits import modules as M
 from recursive_lm.exits.artifact import ExitSet
 from recursive_lm.exits.train import meta_logit
 from recursive_lm.kernels.panel import panel_matmul, to_panels
-from recursive_lm.nn.model import Transformer, cache_length, decode_layout, init_cache
+from recursive_lm.nn.cache import cache_length, normalize_cache
+from recursive_lm.nn.model import Transformer, decode_layout
 
 Array = jax.Array
 MODES = ("verify", "trust")
@@ -72,15 +79,6 @@ class ExitDecodeOutput(GenerateOutput):
   @property
   def tokens_per_round(self) -> float:
     return (self.new_tokens - len(self.tokens)) / max(self.row_rounds, 1)
-
-
-def _round_up(n: int, m: int) -> int:
-  return -(-n // m) * m
-
-
-def _norm_cache(cache):
-  return {g: ([tuple(c) for c in v] if isinstance(v, (list, tuple)) else v)
-          for g, v in cache.items()}
 
 
 class ExitSpeculativeEngine:
@@ -145,11 +143,13 @@ class ExitSpeculativeEngine:
     self.eos_id, self.pad_id = token_ids(cfg, eos_id, pad_id)
     self._prefill = jax.jit(self._prefill_impl)
     self._generate = jax.jit(self._generate_impl, static_argnames=("max_new", "stop_at_eos"))
+    self._ex = {"module": self.module, "ws": self.ws, "shortlist": self.shortlist,
+                "scale": self.norm_scale, "meta": self.meta}
 
   # -- pieces -------------------------------------------------------------------
   def _prefill_impl(self, params, cache, tokens, lengths):
     last, cache = prefill_step(self.model, params, cache, tokens, lengths)
-    return last, _norm_cache(cache)
+    return last, normalize_cache(cache)
 
   def _exit_token(self, ex, h):
     """Draft token ids [B] and confidence [B] from layer-E states h [B, D]."""
@@ -191,7 +191,7 @@ class ExitSpeculativeEngine:
       ok = conf >= tau
       n_conf = n_conf + (active & ok).astype(jnp.int32)
       active = active & ok & (i + 1 < k)
-      return i + 1, _norm_cache(cache), nxt.astype(jnp.int32), active, q, drafts, n, n_conf
+      return i + 1, normalize_cache(cache), nxt.astype(jnp.int32), active, q, drafts, n, n_conf
 
     q = jnp.zeros((b, k, cfg.d_model), jnp.dtype(cfg.dtype))
     zb = jnp.zeros((b,), jnp.int32)
@@ -208,7 +208,7 @@ class ExitSpeculativeEngine:
     chunk, cache = D.run_layers(self.cfg, params, self.exit_layer, self.cfg.plan.effective_depth,
                                 chunk, cpos, cache, jnp.where(valid, cpos, s))
     logits = D.head(self.cfg, params, chunk).astype(jnp.float32)
-    return _norm_cache(cache), jnp.argmax(logits, -1).astype(jnp.int32)
+    return normalize_cache(cache), jnp.argmax(logits, -1).astype(jnp.int32)
 
   def _deep(self, params, cache, chunk, pos, valid, rows):
     """``_deep_width`` on the narrowest width in (1, 2, 4, ..., W) that holds
@@ -225,7 +225,10 @@ class ExitSpeculativeEngine:
 
     idx = jnp.searchsorted(jnp.asarray(widths, jnp.int32), rows.astype(jnp.int32))
     idx = jnp.clip(idx, 0, len(widths) - 1)
-    return jax.lax.switch(idx, [branch(wd) for wd in widths], _norm_cache(cache))
+    # The branch's tokens ride in the carry: a copy-free switch (decode/inplace.py).
+    placeholder = jnp.full(chunk.shape[:2], -1, jnp.int32)
+    return select_branch(idx, [lambda c, f=branch(wd): f(c[0]) for wd in widths],
+                         (normalize_cache(cache), placeholder))
 
   def _round(self, params, ex, cache, u, pos, done, tau):
     """One draft + check round. Returns (cache, drafts [B,K], a [B] accepted,
@@ -248,13 +251,13 @@ class ExitSpeculativeEngine:
         h = D.embed(cfg, params, last)
         h, cache = D.run_layers(cfg, params, 0, e, h, p, cache,
                                 jnp.where(live & has[:, None], p, s))
-        return h.astype(q.dtype), _norm_cache(cache)
+        return h.astype(q.dtype), normalize_cache(cache)
 
-      h, cache = jax.lax.cond(jnp.any(has & ~done), shallow_last,
-                              lambda c: (jnp.zeros_like(q[:, :1]), c), _norm_cache(cache))
+      h, cache = when(jnp.any(has & ~done), lambda c: shallow_last(c[1]),
+                      (jnp.zeros_like(q[:, :1]), normalize_cache(cache)))
       chunk = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)
       chunk = jnp.where(((j == n[:, None]) & has[:, None])[..., None], h, chunk)
-      cache, target = self._deep(params, _norm_cache(cache), chunk, pos,
+      cache, target = self._deep(params, normalize_cache(cache), chunk, pos,
                                  live & (j <= n[:, None]),
                                  jnp.max(jnp.where(done, 0, n)) + 1)            # [B, K+1]
       ok = (drafts == target[:, :k]) & (j[:, :k] < n[:, None])
@@ -270,48 +273,40 @@ class ExitSpeculativeEngine:
       agree = jnp.sum((drafts == target) & (j[:, :k] < a[:, None]), axis=1)
     return cache, drafts, a, nxt, n if self.mode == "verify" else a, agree
 
+  # -- the policy (decode.engine.decode_loop) -----------------------------------
+  max_emit = property(lambda self: self.max_draft + 1)
+  stat_names = ("drafted", "accepted", "agree", "row_rounds")
+
+  def init(self, batch):
+    del batch
+    return ()
+
+  def records(self):
+    return {}
+
+  def step(self, params, cache, st: DecodeState, ctx: StepCtx) -> StepOut:
+    """One round: draft while confident, check in one deep pass, emit the
+    accepted drafts + the full model's token. ``params`` = (model params, exit
+    pieces); ``ctx.threshold`` is tau."""
+    params, ex = params
+    cache, drafts, a, nxt, n, agree = self._round(params, ex, cache, st.tok, st.pos,
+                                                  st.done, ctx.threshold)
+    j = jnp.arange(self.max_draft + 1, dtype=jnp.int32)[None]
+    padded = jnp.concatenate([drafts, drafts[:, :1]], axis=1)
+    emit = jnp.where(j < a[:, None], padded, nxt[:, None])
+    live = ~st.done
+    w = lambda x: jnp.sum(jnp.where(live, x, 0), dtype=jnp.int32)
+    stats = {"drafted": w(n), "accepted": w(a), "agree": w(agree),
+             "row_rounds": jnp.sum(live, dtype=jnp.int32)}
+    return StepOut(emit, jnp.where(live, a + 1, 0).astype(jnp.int32), cache, (), st.rng,
+                   {}, stats)
+
   def _generate_impl(self, params, ex, cache, last_logits, lengths, tau, max_new,
                      stop_at_eos):
-    b = lengths.shape[0]
-    k = self.max_draft
-    eos = -1 if (self.eos_id is None or not stop_at_eos) else self.eos_id
-    first = jnp.argmax(last_logits.astype(jnp.float32), -1).astype(jnp.int32)
-    out = jnp.full((b, max_new), self.pad_id, jnp.int32).at[:, 0].set(first)
-    done = (first == eos) | (max_new <= 1)
-    zero = jnp.zeros((), jnp.int32)
-    stats = (zero, zero, zero, zero)  # drafted, accepted, agree, row_rounds
-
-    def cond(st):
-      return (st[0] < max_new) & ~jnp.all(st[5])
-
-    def body(st):
-      rnd, cache, u, pos, n_out, done, out, stats = st
-      cache, drafts, a, nxt, n, agree = self._round(params, ex, cache, u, pos, done, tau)
-      j = jnp.arange(k + 1, dtype=jnp.int32)[None]
-      padded = jnp.concatenate([drafts, drafts[:, :1]], axis=1)
-      emit = jnp.where(j < a[:, None], padded, nxt[:, None])
-      valid = (j <= a[:, None]) & ~done[:, None]
-      is_eos = valid & (emit == eos)
-      hit = jnp.any(is_eos, axis=1)
-      first_eos = jnp.argmax(is_eos, axis=1)
-      valid &= ~(hit[:, None] & (j > first_eos[:, None]))
-      valid &= (n_out[:, None] + j) < max_new
-      cols = jnp.where(valid, n_out[:, None] + j, max_new)
-      out = out.at[jnp.arange(b)[:, None], cols].set(emit, mode="drop")
-      live = ~done
-      n_out = n_out + jnp.sum(valid, axis=1, dtype=jnp.int32)
-      w = lambda x: jnp.sum(jnp.where(live, x, 0), dtype=jnp.int32)
-      stats = (stats[0] + w(n), stats[1] + w(a), stats[2] + w(agree),
-               stats[3] + jnp.sum(live, dtype=jnp.int32))
-      pos = jnp.where(live, pos + a + 1, pos)
-      u = jnp.where(live, nxt, u)
-      done = done | hit | (n_out >= max_new)
-      return rnd + 1, cache, u, pos, n_out, done, out, stats
-
-    st = (zero, _norm_cache(cache), first, lengths.astype(jnp.int32),
-          jnp.ones((b,), jnp.int32), done, out, stats)
-    rnd, _, _, _, n_out, _, out, stats = jax.lax.while_loop(cond, body, st)
-    return out, n_out, rnd, stats
+    ctx = StepCtx(max_new, SamplingConfig(), tau, None)
+    st, _ = decode_loop(self, (params, ex), cache, last_logits, lengths, jax.random.key(0),
+                        ctx, stop_at_eos, self.eos_id, self.pad_id)
+    return st.out, st.n_out, st.step, tuple(st.stats[n] for n in self.stat_names)
 
   # -- public API ---------------------------------------------------------------
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
@@ -320,26 +315,19 @@ class ExitSpeculativeEngine:
 
     In "verify" mode the tokens equal ``Engine(...).generate`` greedy tokens.
     ``tau`` overrides the constructor's threshold (no recompilation)."""
-    lengths = check_prompts(self.cfg, prompts, max_new_tokens)
-    t = bucket_length(max(lengths))
-    s = _round_up(t + max_new_tokens + self.max_draft + 2, 64)
-    tokens = np.full((len(prompts), t), self.pad_id, np.int32)
-    for i, p in enumerate(prompts):
-      tokens[i, :len(p)] = p
-    lens = jnp.asarray(lengths, jnp.int32)
-    cache = init_cache(self.cfg, len(prompts), s)
-    ex = {"module": self.module, "ws": self.ws, "shortlist": self.shortlist,
-          "scale": self.norm_scale, "meta": self.meta}
+    # Drafts and the deep pass write up to max_draft + 1 slots past the last kept token.
+    lengths, tokens, lens, cache = prepare(self.cfg, prompts, max_new_tokens, self.pad_id,
+                                           extra_slots=self.max_draft + 2)
     t0 = time.perf_counter()
-    last, cache = self._prefill(self.params, cache, jnp.asarray(tokens), lens)
+    last, cache = self._prefill(self.params, cache, tokens, lens)
     last.block_until_ready()
     t1 = time.perf_counter()
     out, n_out, rounds, stats = self._generate(
-        self.params, ex, cache, last, lens, jnp.float32(self.tau if tau is None else tau),
+        self.params, self._ex, cache, last, lens, jnp.float32(self.tau if tau is None else tau),
         max_new=max_new_tokens, stop_at_eos=stop_at_eos)
     out, n_out = np.asarray(out), np.asarray(n_out)
     t2 = time.perf_counter()
-    rows = [r[:n].tolist() for r, n in zip(out, n_out)]
+    rows = trim_rows(out, n_out, stop_at_eos, self.eos_id)
     drafted, accepted, agree, row_rounds = (int(x) for x in stats)
     return ExitDecodeOutput(rows, lengths, t1 - t0, t2 - t1, int(rounds), drafted=drafted,
                             accepted=accepted, agree=agree, row_rounds=row_rounds,
