@@ -61,6 +61,8 @@ flags.DEFINE_string("compile_cache", os.path.join(os.path.expanduser("~"), ".cac
                     "JAX persistent compilation cache ('' for none): a warm-up run fills "
                     "it so the timed run spends its exclusive time timing.")
 flags.DEFINE_string("out", "results", "Output folder.")
+flags.DEFINE_bool("amx_ab", True, "Where bf16/int8 panels run on AMX tiles, also time "
+                  "them with AMX off (the AVX-512 path) in the same run, interleaved.")
 
 
 def measure_bandwidth(n_bytes: int = 1 << 30, reps: int = 7) -> dict:
@@ -165,8 +167,9 @@ def kernel_compute_rate(weights: str, batch: int, k: int = 576, n: int = 1024,
   """The compute limit of the native panel kernel: weights multiplied per
   second (by ``batch`` rows each) on a [k, n] matrix that stays in the L2
   caches (1.2 MB in f32, split across the cores), so memory does not limit it;
-  best of ``reps`` timings of ``calls`` chained calls, on every core. None
-  without the native kernels."""
+  best of ``reps`` timings of ``calls`` chained calls, on every core. It runs
+  the path the engine takes at this batch (``native.panel_path``: AMX tiles
+  where they are on). None without the native kernels."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -264,10 +267,23 @@ class LlamaCpp:
     return (t2 - t1) / FLAGS.new_tokens, t2 - t0
 
 
+def amx_off_engines(engines: dict, batch: int) -> list[str]:
+  """Engines whose panels run on AMX tiles at this batch (timed again with AMX off)."""
+  from recursive_lm.kernels import native
+  out = []
+  for name in engines:
+    fmt = name.split(":")[1]
+    lo = native.amx_min_rows(fmt) if fmt in ("bf16", "int8") else None
+    if FLAGS.amx_ab and name.startswith("panel") and lo is not None and batch >= lo:
+      out.append(name)
+  return out
+
+
 def bench_engines(m, engines: dict, batch: int, probe: BandwidthProbe,
                   llamacpp: "LlamaCpp | None") -> list[dict]:
   """Times each engine (and llama.cpp); runs are interleaved so machine noise
-  hits all alike."""
+  hits all alike. AMX engines are also timed with AMX off (`amx_off_engines`)."""
+  from recursive_lm.kernels import native
   prompts = prompts_for(batch)
   runners = {}
   for name, eng in engines.items():
@@ -275,6 +291,15 @@ def bench_engines(m, engines: dict, batch: int, probe: BandwidthProbe,
       o = eng.generate(prompts, FLAGS.new_tokens, stop_at_eos=False)
       return o.decode_seconds / o.steps, o.prefill_seconds + o.decode_seconds
     runners[f"recursive_lm ({name})"] = run
+  for name in amx_off_engines(engines, batch):
+    def run_off(eng=engines[name]):
+      native.set_amx(False)
+      try:
+        o = eng.generate(prompts, FLAGS.new_tokens, stop_at_eos=False)
+      finally:
+        native.set_amx(True)
+      return o.decode_seconds / o.steps, o.prefill_seconds + o.decode_seconds
+    runners[f"recursive_lm ({name}, AMX off)"] = run_off
   if llamacpp is not None:
     runners[llamacpp.version] = llamacpp.generate
   for run in runners.values():
@@ -291,7 +316,18 @@ def bench_engines(m, engines: dict, batch: int, probe: BandwidthProbe,
   out = []
   for n in runners:
     s = statistics.median(step_s[n])
-    out.append({"engine": n, "batch": batch,
+    eng_name = n[len("recursive_lm ("):-1].split(",")[0] if n.startswith("recursive_lm") else None
+    fmt = eng_name.split(":")[1] if eng_name else None
+    path = None
+    if eng_name and eng_name.startswith("panel"):
+      if n.endswith("AMX off)"):
+        native.set_amx(False)
+        path = native.panel_path(fmt, batch)
+        native.set_amx(True)
+      else:
+        path = native.panel_path(fmt, batch)
+    out.append({"engine": n, "engine_name": eng_name, "weights": fmt, "kernel_path": path,
+                "amx_off": n.endswith("AMX off)"), "batch": batch,
                 "tokens_per_s": batch / s, "step_ms": s * 1e3,
                 "end_to_end_tokens_per_s":
                     batch * FLAGS.new_tokens / statistics.median(total[n]),
@@ -398,17 +434,31 @@ def main(_):
     bytes_of["llama.cpp"] = int(sum(t.n_bytes for t in reader.tensors))  # streamed ~ all
     del reader
 
-  # Compute limit of each format's kernel at each batch (L2-resident weights).
-  weights_of = {f"recursive_lm ({n})": streamed_weights(e.params) for n, e in engines.items()}
+  # Compute limit of each format's kernel at each batch (L2-resident weights),
+  # on the path the engine takes (and with AMX off where AMX rows are timed).
+  from recursive_lm.kernels import native
+  weights_of = {n: streamed_weights(e.params) for n, e in engines.items()}
   compute_rates = {}
   for name in engines:
     fmt = name.split(":")[1]
     for b in map(int, FLAGS.batches):
-      if name.startswith("panel") and (fmt, b) not in compute_rates:
-        rate = kernel_compute_rate(fmt, b)
+      if not name.startswith("panel"):
+        continue
+      variants = [False] + ([True] if name in amx_off_engines(engines, b) else [])
+      for off in variants:
+        if (fmt, b, off) in compute_rates:
+          continue
+        if off:
+          native.set_amx(False)
+        try:
+          rate = kernel_compute_rate(fmt, b)
+          path = native.panel_path(fmt, b)
+        finally:
+          if off:
+            native.set_amx(True)
         if rate:
-          compute_rates[(fmt, b)] = rate
-          print(f"compute limit {fmt} batch {b}: {rate * b * 2 / 1e9:.0f} GFLOP/s "
+          compute_rates[(fmt, b, off)] = rate
+          print(f"compute limit {fmt} batch {b} ({path}): {rate * b * 2 / 1e9:.0f} GFLOP/s "
                 f"({rate / 1e9:.1f} G weights/s)", flush=True)
 
   # The full measurement (three readers) before and after, for the record; the
@@ -430,18 +480,19 @@ def main(_):
       if peer:
         res.append(peer)
     for r in res:
-      nbytes = next((v for k, v in bytes_of.items() if r["engine"].startswith(k)),
-                    weight_bytes)
+      nbytes = (bytes_of[f"recursive_lm ({r['engine_name']})"] if r.get("engine_name") else
+                next((v for k, v in bytes_of.items() if r["engine"].startswith(k)),
+                     weight_bytes))
       r["streamed_bytes"] = nbytes
       per_run = [tps * nbytes / (b * g * 1e9)
                  for tps, g in zip(r["runs"], r["run_bandwidth_GBps"])]
       r["fraction_of_roofline"] = statistics.median(per_run)
       r["roofline_tokens_per_s"] = (b * statistics.median(r["run_bandwidth_GBps"]) * 1e9
                                     / nbytes)
-      fmt = r["engine"].rsplit(":", 1)[-1].rstrip(")")
-      if r["engine"].startswith("recursive_lm") and (fmt, b) in compute_rates:
-        rate = compute_rates[(fmt, b)]
-        r["compute_limit_tokens_per_s"] = b * rate / weights_of[r["engine"]]
+      key = (r.get("weights"), b, r.get("amx_off"))
+      if r.get("engine_name") and key in compute_rates:
+        rate = compute_rates[key]
+        r["compute_limit_tokens_per_s"] = b * rate / weights_of[r["engine_name"]]
         r["limit_tokens_per_s"] = min(r["roofline_tokens_per_s"],
                                       r["compute_limit_tokens_per_s"])
         r["fraction_of_limit"] = r["tokens_per_s"] / r["limit_tokens_per_s"]
@@ -467,8 +518,8 @@ def main(_):
           "new_tokens": FLAGS.new_tokens, "runs": FLAGS.runs, "jax": jax.__version__,
           "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
           "native_kernels": native_status(), "perplexity": ppl, "perplexity_source": ppl_note,
-          "compute_limit_GFLOPs": {f"{f}:{b}": r * b * 2 / 1e9
-                                   for (f, b), r in compute_rates.items()},
+          "compute_limit_GFLOPs": {f"{f}:{b}" + (":amx_off" if off else ""): r * b * 2 / 1e9
+                                   for (f, b, off), r in compute_rates.items()},
           "perplexity_tokens": (FLAGS.ppl_batches * FLAGS.ppl_batch * FLAGS.ppl_seq_len),
           "date": time.strftime("%Y-%m-%d %H:%M")}
   with open(os.path.join(FLAGS.out, "bench_decode.json"), "w") as f:
@@ -485,20 +536,24 @@ def main(_):
            f"Made by `{meta['command']}` on {meta['date']}; {meta['native_kernels']}.", "",
            "Compute limit: the native kernel's rate on L2-resident weights at the same "
            "batch (`kernel_compute_rate`), in tokens/s for the row's weights per step; "
-           "'of limit' = tokens/s over the lower of the roofline and the compute limit.",
-           "", "| batch | engine | MB per step | new tokens/s | roofline tokens/s | fraction "
-           "| compute limit tokens/s | of limit | x llama.cpp | held-out ppl |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "'of limit' = tokens/s over the lower of the roofline and the compute limit. "
+           "Kernel path: the math of the row's bf16/int8/f32 panel matmuls at that batch "
+           "(`recursive_lm.kernels.native.panel_path`); 'AMX off' rows are the same engine "
+           "with the AMX path switched off (`native.set_amx(False)`), timed interleaved.",
+           "", "| batch | engine | kernel path | MB per step | new tokens/s | roofline tokens/s "
+           "| fraction | compute limit tokens/s | of limit | x llama.cpp | held-out ppl |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   ref_tps = {r["batch"]: r["tokens_per_s"] for r in rows
              if r["engine"].startswith("llama.cpp")}
   for r in rows:
     vs = (f"{r['tokens_per_s'] / ref_tps[r['batch']]:.2f}x" if r["batch"] in ref_tps
           else "-")
-    name = r["engine"][len("recursive_lm ("):-1] if r["engine"].startswith("recursive_lm") else ""
+    name = r.get("engine_name") or ""
     p = ppl.get(name)
     pp = "-" if p is None else (f"{p['ppl']:.3f}" + (
         f" ({p['ppl'] / f32_ppl - 1:+.2%})" if f32_ppl and not name.endswith(":f32") else ""))
-    lines.append(f"| {r['batch']} | {r['engine']} | {r['streamed_bytes'] / 1e6:.0f} | "
+    lines.append(f"| {r['batch']} | {r['engine']} | {r.get('kernel_path') or '-'} | "
+                 f"{r['streamed_bytes'] / 1e6:.0f} | "
                  f"{r['tokens_per_s']:.1f} | {r['roofline_tokens_per_s']:.1f} | "
                  f"{r['fraction_of_roofline']:.0%} | "
                  + (f"{r['compute_limit_tokens_per_s']:.0f} | {r['fraction_of_limit']:.0%}"

@@ -54,12 +54,28 @@ def test_int8_quantization_is_symmetric_per_column():
   assert np.abs(np.asarray(q)).max() == 127
 
 
+needs_amx = pytest.mark.skipif(not native.amx(), reason="no AMX on this CPU / kernel / "
+                               "build (the AVX-512 path is tested instead)")
+
+
+@pytest.fixture(params=["amx", "avx512"])
+def kernel_path(request):
+  """Runs a test on the AMX path (skipped without AMX) and with AMX off."""
+  if request.param == "amx" and not native.amx():
+    pytest.skip("no AMX on this CPU / kernel / build")
+  was = native.amx()
+  native.set_amx(request.param == "amx")
+  yield request.param
+  native.set_amx(was)
+
+
 @needs_compiler
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 7, 8, 9, 16, 21])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 21, 40])
 @pytest.mark.parametrize("k,n", [(5, 3), (64, 32), (101, 70), (576, 192)])
-def test_lowbit_kernels_match_an_f32_reference(rows, k, n):
-  """Native bf16/int8 kernels against float64 math on the same dequantized
-  weights (bf16: on the bf16-rounded activations, as the kernel defines)."""
+def test_lowbit_kernels_match_an_f32_reference(rows, k, n, kernel_path):
+  """Native bf16/int8 kernels (AMX tiles and the AVX-512 path) against float64
+  math on the same dequantized weights and bf16-rounded activations (as the
+  kernels define); K not a multiple of 32 and padded panels included."""
   assert native.load(), native.status()
   rng = np.random.default_rng(rows * 1000 + k + n)
   x = rng.standard_normal((rows, k)).astype(np.float32)
@@ -67,15 +83,101 @@ def test_lowbit_kernels_match_an_f32_reference(rows, k, n):
   wb = P.to_bf16_panels(w)
   q, scale = P.to_int8_panels(w)
   tol = dict(rtol=1e-4, atol=1e-4 * np.sqrt(k))
+  on_amx = kernel_path == "amx" and rows >= native.amx_min_rows("bf16")
+  assert native.panel_path("bf16", rows).startswith("AMX") == on_amx
+  int8_amx = native.panel_path("int8", rows).startswith("AMX")  # rounds x to bf16
   yb = jax.jit(P.panel_matmul, static_argnums=2)(x, wb, n)
   np.testing.assert_allclose(yb, _bf16_round(x) @ _plain(wb, n), **tol)
   yq = jax.jit(lambda x, q, s: P.panel_matmul(x, q, n, scale=s))(x, q, scale)
-  np.testing.assert_allclose(yq, x.astype(np.float64) @ _plain(q, n, scale), **tol)
+  xq = _bf16_round(x) if int8_amx else x.astype(np.float64)
+  np.testing.assert_allclose(yq, xq @ _plain(q, n, scale), **tol)
   # XLA's path (other platforms, no compiler) computes the same.
   np.testing.assert_allclose(P.panel_matmul(jnp.asarray(x), wb, n, use_native=False), yb,
                              **tol)
-  np.testing.assert_allclose(
-      P.panel_matmul(jnp.asarray(x), q, n, use_native=False, scale=scale), yq, **tol)
+  if not int8_amx:
+    np.testing.assert_allclose(
+        P.panel_matmul(jnp.asarray(x), q, n, use_native=False, scale=scale), yq, **tol)
+
+
+@needs_compiler
+@needs_amx
+def test_int8_amx_path_when_turned_on(tmp_path):
+  """RLM_AMX_MIN_ROWS=2 puts int8 panels on AMX too (bf16-rounded activations)."""
+  code = (
+      "import numpy as np, jax.numpy as jnp\n"
+      "from recursive_lm.kernels import native, panel as P\n"
+      "rng = np.random.default_rng(4)\n"
+      "for rows, k in [(2, 101), (8, 576), (21, 64), (40, 33)]:\n"
+      "  x = rng.standard_normal((rows, k)).astype(np.float32)\n"
+      "  w = rng.standard_normal((k, 70)).astype(np.float32)\n"
+      "  q, s = P.to_int8_panels(w)\n"
+      "  assert native.panel_path('int8', rows).startswith('AMX')\n"
+      "  xr = np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32), np.float64)\n"
+      "  ref = xr @ np.asarray(P.from_panels(P.dequantized_panels(q, s), 70), np.float64)\n"
+      "  np.testing.assert_allclose(P.panel_matmul(x, q, 70, scale=s), ref, rtol=1e-4,\n"
+      "                             atol=1e-4 * np.sqrt(k))\n"
+      "print(native.status())\n")
+  env = dict(os.environ, RLM_AMX_MIN_ROWS="2")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                       text=True, check=False, cwd=os.path.dirname(FIX) + "/..")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "int8 on AMX from 2 rows" in out.stdout
+
+
+@needs_compiler
+@needs_amx
+def test_amx_path_equals_the_avx512_path_and_says_so():
+  """Same compiled function, AMX on and off (read at each call): equal up to
+  f32 summation order; panel_path and status name the path."""
+  rng = np.random.default_rng(11)
+  x = rng.standard_normal((8, 576)).astype(np.float32)
+  w = rng.standard_normal((576, 1000)).astype(np.float32)
+  wb, (q, s) = P.to_bf16_panels(w), P.to_int8_panels(w)
+  fb = jax.jit(lambda x: P.panel_matmul(x, wb, 1000))
+  fq = jax.jit(lambda x: P.panel_matmul(x, q, 1000, scale=s))
+  assert native.set_amx(True)
+  assert native.panel_path("bf16", 8) == "AMX-BF16 tiles"
+  assert not native.panel_path("int8", 8).startswith("AMX")  # off by default
+  assert native.panel_path("bf16", 1) != "AMX-BF16 tiles"  # below the crossover
+  assert "AMX-BF16 tiles from" in native.status()
+  on = (np.asarray(fb(x)), np.asarray(fq(x)))
+  assert not native.set_amx(False)
+  try:
+    assert native.panel_path("bf16", 8) == "AVX-512 BF16 dot products"
+    assert "AMX: off, disabled" in native.status()
+    off = (np.asarray(fb(x)), np.asarray(fq(x)))
+  finally:
+    native.set_amx(True)
+  for a, b in zip(on, off):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+@needs_compiler
+def test_amx_off_by_environment_and_without_amx_in_the_build(tmp_path):
+  """RLM_AMX=0, and a build without AMX code: the AVX-512 path, same results,
+  and the status line says why AMX is off."""
+  code = (
+      "import numpy as np, jax, jax.numpy as jnp\n"
+      "from recursive_lm.kernels import native, panel as P\n"
+      "rng = np.random.default_rng(3)\n"
+      "x = rng.standard_normal((9, 101)).astype(np.float32)\n"
+      "w = rng.standard_normal((101, 70)).astype(np.float32)\n"
+      "wb, (q, s) = P.to_bf16_panels(w), P.to_int8_panels(w)\n"
+      "assert not native.amx() and native.panel_path('bf16', 9).startswith('AVX-512')\n"
+      "for y, ref in [(P.panel_matmul(x, wb, 70), P.panel_matmul(x, wb, 70, use_native=False)),\n"
+      "               (P.panel_matmul(x, q, 70, scale=s),\n"
+      "                P.panel_matmul(x, q, 70, scale=s, use_native=False))]:\n"
+      "  np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-3)\n"
+      "print(native.status())\n")
+  for extra, want in [({"RLM_AMX": "0"}, "AMX: off, disabled"),
+                      ({"RECURSIVE_LM_KERNEL_FLAGS": "-mno-amx-tile -mno-amx-bf16 -mno-amx-int8",
+                        "RECURSIVE_LM_CACHE": str(tmp_path)}, "AMX: off, not built")]:
+    env = dict(os.environ, **extra)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=False, cwd=os.path.dirname(FIX) + "/..")
+    assert out.returncode == 0, out.stderr[-3000:]
+    if want.endswith("disabled") or native.amx():  # "not built" only where AMX exists
+      assert want in out.stdout, out.stdout
 
 
 @needs_compiler
@@ -197,6 +299,15 @@ def test_int8_engine_equals_f32_engine_on_the_dequantized_weights():
   la = Transformer(cq).apply({"params": pq}, tokens)["logits"]
   lb = Transformer(cq).apply({"params": pf}, tokens)["logits"]
   np.testing.assert_allclose(la, lb, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_rows_do_not_depend_on_the_batch():
+  """A row's int8 result is the same alone and in a batch (the default paths)."""
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((8, 64)).astype(np.float32)
+  q, s = P.to_int8_panels(rng.standard_normal((64, 96)).astype(np.float32))
+  f = jax.jit(lambda x: P.panel_matmul(x, q, 96, scale=s))
+  np.testing.assert_allclose(f(x)[:1], f(x[:1]), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("weights", ["bf16", "int8"])

@@ -16,6 +16,7 @@
 // Built at first use by recursive_lm/kernels/native.py with -march=native (the
 // GCC vector extension below becomes AVX-512, AVX2 or SSE code).
 #include <atomic>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <memory>
@@ -23,6 +24,15 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) && defined(__linux__)
+#define RLM_HAVE_AMX 1
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#else
+#define RLM_HAVE_AMX 0
 #endif
 
 #include "xla/ffi/api/ffi.h"
@@ -267,6 +277,250 @@ struct Bf16Panels {
   }
 };
 
+
+// ---------------------------------------------------------------- AMX-BF16
+// With AMX (Sapphire Rapids and later; compiled in when -march=native has
+// AMX-TILE and AMX-BF16, used only after RecursiveLmAmxInit() got the kernel's
+// permission and a test instruction ran), bf16 panels of M >= g_amx_min_rows
+// rows run on the tile unit. The paired panel layout is AMX's "VNNI" B-tile
+// format: the 64 values of input-row pair j are (w[2j, n], w[2j+1, n]) for
+// n = 0..31, so a B tile (16 pair rows x 64 bytes = 32 inputs x 16 columns)
+// is 16 rows of 64 bytes at a stride of 128 bytes: one tile for columns
+// 0-15, one for 16-31. A tile = 16 rows of bf16 activations x 32 inputs; C
+// tiles = f32 sums [rows, 16], accumulated over K in steps of 32 (bf16
+// products are exact in f32, sums f32: the same math as vdpbf16ps, in another
+// summation order). Tiles: C 0-3 (two row blocks x two column halves), A 4-5,
+// B 6-7. The tile configuration is per thread: every work chunk loads it and
+// releases the tiles at its end (XLA's pool threads run other work between).
+// int8 panels take the same path after each panel is widened to a paired
+// bf16 copy in a per-thread buffer (int8 values are exact in bf16).
+static std::atomic<int64_t> g_amx_min_rows_bf16{INT64_MAX};
+static std::atomic<int64_t> g_amx_min_rows_int8{INT64_MAX};
+
+#if RLM_HAVE_AMX
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Row blocks of a and b rows (b = 0: one block), tiles as above.
+inline void ConfigureTiles(int a, int b) {
+  TileConfig c;
+  const int r[8] = {a, a, b, b, a, b, 16, 16};
+  for (int t = 0; t < 8; ++t) {
+    c.rows[t] = (uint8_t)r[t];
+    c.colsb[t] = r[t] ? 64 : 0;
+  }
+  _tile_loadconfig(&c);
+}
+
+// Rows [r0, r0 + a + b) of one panel: xa bf16 activations [M, Kp] (Kp =
+// ceil(K / 32) * 32, zero padded), wp paired bf16 panel with `steps` full
+// 32-input steps readable in place and, when tail != nullptr, one more step
+// read from tail (16 x 64 values, zero padded). y gets the f32 sums.
+template <bool Two>
+inline void AmxRowBlocks(const uint16_t* xa, int64_t Kp, const uint16_t* wp, int64_t steps,
+                         const uint16_t* tail, float* y, int64_t N, int64_t a) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if (Two) { _tile_zero(2); _tile_zero(3); }
+  const int64_t xs = Kp * 2;  // activation row stride in bytes
+  const uint16_t* xb = xa + a * Kp;
+  for (int64_t s = 0; s < steps; ++s) {
+    _tile_loadd(4, xa + s * 32, xs);
+    _tile_loadd(6, wp + s * 32 * kPanel, 128);
+    _tile_loadd(7, wp + s * 32 * kPanel + 16 * 2, 128);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (Two) {
+      _tile_loadd(5, xb + s * 32, xs);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  if (tail) {
+    _tile_loadd(4, xa + steps * 32, xs);
+    _tile_loadd(6, tail, 128);
+    _tile_loadd(7, tail + 32, 128);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (Two) {
+      _tile_loadd(5, xb + steps * 32, xs);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, y, N * 4);
+  _tile_stored(1, y + 16, N * 4);
+  if (Two) {
+    _tile_stored(2, y + a * N, N * 4);
+    _tile_stored(3, y + a * N + 16, N * 4);
+  }
+}
+
+// Walks the row blocks of one panel: pairs of 16-row blocks, then the rest;
+// the configuration is reloaded only when the block shape changes (*shape).
+inline void AmxPanel(const uint16_t* xa, int64_t M, int64_t Kp, const uint16_t* wp,
+                     int64_t steps, const uint16_t* tail, float* yp, int64_t N, int* shape) {
+  for (int64_t r0 = 0; r0 < M;) {
+    const int64_t rest = M - r0;
+    const int a = rest >= 16 ? 16 : (int)rest;
+    const int b = rest >= 32 ? 16 : (rest > 16 ? (int)rest - 16 : 0);
+    if (*shape != a * 32 + b) {
+      ConfigureTiles(a, b);
+      *shape = a * 32 + b;
+    }
+    if (b) AmxRowBlocks<true>(xa + r0 * Kp, Kp, wp, steps, tail, yp + r0 * N, N, a);
+    else AmxRowBlocks<false>(xa + r0 * Kp, Kp, wp, steps, tail, yp + r0 * N, N, a);
+    r0 += a + b;
+  }
+}
+
+// Paired bf16 panels [P, K, 32] for panels [p0, p1).
+void AmxBf16Panels(const uint16_t* xa, int64_t M, int64_t K, const uint16_t* w,
+                   float* y, int64_t N, int64_t p0, int64_t p1) {
+  const int64_t Kp = (K + 31) / 32 * 32, steps = K / 32;
+  alignas(64) uint16_t tail[16 * 64];
+  int shape = -1;
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint16_t* wp = w + p * K * kPanel;
+    const bool has_tail = K % 32 != 0;
+    if (has_tail) {  // the last K % 32 inputs, as 16 zero-padded pair rows
+      __builtin_memset(tail, 0, sizeof(tail));
+      const int64_t j0 = steps * 16, pairs = K / 2 - j0;
+      __builtin_memcpy(tail, wp + j0 * 2 * kPanel, pairs * 2 * kPanel * 2);
+      if (K % 2) {
+        const uint16_t* last = wp + (K - 1) * kPanel;
+        for (int n = 0; n < kPanel; ++n) tail[pairs * 64 + 2 * n] = last[n];
+      }
+    }
+    AmxPanel(xa, M, Kp, wp, steps, has_tail ? tail : nullptr, y + p * kPanel, N, &shape);
+  }
+  _tile_release();
+}
+
+// 16 pair rows (32 inputs) of an int8 panel from input row k0 on, widened to
+// paired bf16 (the B-tile layout, 16 x 64 values); rows at or past K are 0.
+inline void WidenInt8Step(const int8_t* wp, int64_t K, int64_t k0, uint16_t* out) {
+  const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+  for (int j = 0; j < 16; ++j) {
+    const int64_t k = k0 + 2 * j;
+    for (int h = 0; h < 2; ++h) {
+      __m512i pair = _mm512_setzero_si512();
+      if (k < K) {
+        const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+            _mm_loadu_si128((const __m128i*)(wp + k * kPanel + 16 * h))));
+        pair = _mm512_srli_epi32(_mm512_castps_si512(a), 16);
+        if (k + 1 < K) {
+          const __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+              _mm_loadu_si128((const __m128i*)(wp + (k + 1) * kPanel + 16 * h))));
+          pair = _mm512_or_si512(pair, _mm512_and_si512(_mm512_castps_si512(b), high));
+        }
+      }
+      _mm512_store_si512(out + j * 2 * kPanel + 32 * h, pair);
+    }
+  }
+}
+
+// int8 panels [P, K, 32] for panels [p0, p1), rows in one or two 16-row
+// blocks (M <= 32): each 32-input step of the panel is widened to bf16 into
+// a small ring of L1 buffers right before its tile multiply; the column
+// scales are applied to the sums. M > 32 (prefill): the whole panel is
+// widened once into a per-thread buffer and walked like a bf16 panel.
+void AmxInt8Panels(const uint16_t* xa, int64_t M, int64_t K, const int8_t* w,
+                   const float* scale, float* y, int64_t N, int64_t p0, int64_t p1) {
+  const int64_t Kp = (K + 31) / 32 * 32, steps = Kp / 32;
+  alignas(64) uint16_t ring[4][16 * 64];
+  thread_local std::vector<uint16_t> whole;
+  int shape = -1;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int8_t* wp = w + p * K * kPanel;
+    float* yp = y + p * kPanel;
+    if (M > 32) {
+      if ((int64_t)whole.size() < Kp * kPanel + 32) whole.resize(Kp * kPanel + 32);
+      uint16_t* wb = (uint16_t*)(((uintptr_t)whole.data() + 63) & ~(uintptr_t)63);
+      for (int64_t s = 0; s < steps; ++s) WidenInt8Step(wp, K, 32 * s, wb + s * 32 * kPanel);
+      AmxPanel(xa, M, Kp, wb, steps, nullptr, yp, N, &shape);
+    } else {
+      const int a = M >= 16 ? 16 : (int)M, b = M > 16 ? (int)M - 16 : 0;
+      if (shape != a * 32 + b) {
+        ConfigureTiles(a, b);
+        shape = a * 32 + b;
+      }
+      const int64_t xs = Kp * 2;
+      const uint16_t* xb = xa + a * Kp;
+      _tile_zero(0);
+      _tile_zero(1);
+      if (b) { _tile_zero(2); _tile_zero(3); }
+      // Widened two steps ahead of the tile loads, so the stores have retired.
+      for (int64_t s = 0; s < 2 && s < steps; ++s) WidenInt8Step(wp, K, 32 * s, ring[s]);
+      for (int64_t s = 0; s < steps; ++s) {
+        if (s + 2 < steps) WidenInt8Step(wp, K, 32 * (s + 2), ring[(s + 2) & 3]);
+        const uint16_t* buf = ring[s & 3];
+        _tile_loadd(4, xa + s * 32, xs);
+        _tile_loadd(6, buf, 128);
+        _tile_loadd(7, buf + 32, 128);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (b) {
+          _tile_loadd(5, xb + s * 32, xs);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      _tile_stored(0, yp, N * 4);
+      _tile_stored(1, yp + 16, N * 4);
+      if (b) {
+        _tile_stored(2, yp + a * N, N * 4);
+        _tile_stored(3, yp + a * N + 16, N * 4);
+      }
+    }
+    const __m512 s0 = _mm512_loadu_ps(scale + p * kPanel);
+    const __m512 s1 = _mm512_loadu_ps(scale + p * kPanel + 16);
+    for (int64_t r = 0; r < M; ++r) {
+      _mm512_storeu_ps(yp + r * N, _mm512_mul_ps(_mm512_loadu_ps(yp + r * N), s0));
+      _mm512_storeu_ps(yp + r * N + 16, _mm512_mul_ps(_mm512_loadu_ps(yp + r * N + 16), s1));
+    }
+  }
+  _tile_release();
+}
+
+// Asks Linux for the AMX tile state (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA),
+// then runs one tile multiply in a forked child, so a hypervisor that traps
+// the instructions kills the child, not this process. True when AMX works.
+bool AmxUsable() {
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) return false;
+  const pid_t pid = fork();
+  if (pid < 0) return false;
+  if (pid == 0) {
+    alignas(64) uint16_t a[16 * 32], b[16 * 32];
+    alignas(64) float c[16 * 16];
+    for (int i = 0; i < 16 * 32; ++i) a[i] = b[i] = 0x3f80;  // 1.0
+    ConfigureTiles(16, 0);
+    _tile_zero(0);
+    _tile_loadd(4, a, 64);
+    _tile_loadd(6, b, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_stored(0, c, 64);
+    _tile_release();
+    _exit(c[0] == 32.f && c[255] == 32.f ? 0 : 1);
+  }
+  int st = 0;
+  if (waitpid(pid, &st, 0) != pid) return false;
+  return WIFEXITED(st) && WEXITSTATUS(st) == 0;
+}
+#endif  // RLM_HAVE_AMX
+
+// f32 activations [M, K] -> bf16 (nearest even) [M, Kp], zero padded to Kp.
+void PaddedBf16(const float* x, int64_t M, int64_t K, int64_t Kp, std::vector<uint16_t>& out) {
+  out.assign(M * Kp, 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) out[m * Kp + k] = (uint16_t)(RoundToBf16Bits(x[m * K + k]) >> 16);
+}
+
 // All M rows for panels [p0, p1), in groups of 8 rows. The row groups are the
 // inner loop: a panel (K x 32 weights, 72 KiB in f32 at K = 576) comes from
 // memory once and stays in L2 for the next group.
@@ -354,8 +608,27 @@ ffi::Error PanelMatmulInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   }
   const int64_t M = xd[0], K = xd[1], P = wd[0];
   if (M == 0) return ffi::Error::Success();
-  const Int8Panels kern{{x.typed_data(), nullptr, y->typed_data(), K, P * kPanel},
-                        w.typed_data(), scale.typed_data()};
+  // The AMX path (off by default: measured no faster than the FMAs, the
+  // widening to bf16 costs more than the tiles save) rounds the activations
+  // to bf16; the FMA path keeps them f32.
+  const float* xs = x.typed_data();
+  float* yp = y->typed_data();
+  const int8_t* wq = w.typed_data();
+  const float* sc = scale.typed_data();
+  const int64_t N = P * kPanel;
+#if RLM_HAVE_AMX
+  if (M >= g_amx_min_rows_int8.load(std::memory_order_relaxed)) {
+    std::vector<uint16_t> xa;
+    const int64_t Kp = (K + 31) / 32 * 32;
+    PaddedBf16(xs, M, K, Kp, xa);
+    const uint16_t* xap = xa.data();
+    ParallelFor(pool, P, 8, [=](int64_t p0, int64_t p1) {
+      AmxInt8Panels(xap, M, K, wq, sc, yp, N, p0, p1);
+    });
+    return ffi::Error::Success();
+  }
+#endif
+  const Int8Panels kern{{xs, nullptr, yp, K, N}, wq, sc};
   ParallelFor(pool, P, 8, [=](int64_t p0, int64_t p1) { Panels(kern, M, p0, p1); });
   return ffi::Error::Success();
 }
@@ -370,10 +643,24 @@ ffi::Error PanelMatmulBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   }
   const int64_t M = xd[0], K = xd[1], P = wd[0], H = K / 2;
   if (M == 0) return ffi::Error::Success();
+  const float* xs = x.typed_data();
+#if RLM_HAVE_AMX
+  if (M >= g_amx_min_rows_bf16.load(std::memory_order_relaxed)) {
+    std::vector<uint16_t> xa;
+    const int64_t Kp = (K + 31) / 32 * 32;
+    PaddedBf16(xs, M, K, Kp, xa);
+    const uint16_t* xap = xa.data();
+    const uint16_t* wb = reinterpret_cast<const uint16_t*>(w.typed_data());
+    float* yp = y->typed_data();
+    ParallelFor(pool, P, 8, [=](int64_t p0, int64_t p1) {
+      AmxBf16Panels(xap, M, K, wb, yp, P * kPanel, p0, p1);
+    });
+    return ffi::Error::Success();
+  }
+#endif
   // The activations rounded to bf16, once: as f32 values and as packed pairs.
   std::vector<float> rounded(M * K);
   std::vector<uint32_t> pairs(M * H);
-  const float* xs = x.typed_data();
   for (int64_t i = 0; i < M * K; ++i) {
     const uint32_t b = RoundToBf16Bits(xs[i]);
     __builtin_memcpy(&rounded[i], &b, sizeof(b));
@@ -563,6 +850,27 @@ extern "C" int RecursiveLmBf16DotProducts() {
 #if defined(__AVX512BF16__)
   return 1;
 #else
+  return 0;
+#endif
+}
+
+// 1 when the library was built with AMX-TILE/AMX-BF16 code.
+extern "C" int RecursiveLmAmxCompiled() { return RLM_HAVE_AMX; }
+
+// Turns the AMX path on for bf16 panels of at least bf16_min_rows rows and
+// int8 panels of at least int8_min_rows rows (<= 0: never), when the library
+// has AMX code and the CPU and kernel allow it (AmxUsable, checked once).
+// Returns 1 when AMX is on for either format.
+extern "C" int RecursiveLmAmxInit(int64_t bf16_min_rows, int64_t int8_min_rows) {
+#if RLM_HAVE_AMX
+  static const bool usable = AmxUsable();
+  const bool any = usable && (bf16_min_rows > 0 || int8_min_rows > 0);
+  g_amx_min_rows_bf16 = usable && bf16_min_rows > 0 ? bf16_min_rows : INT64_MAX;
+  g_amx_min_rows_int8 = usable && int8_min_rows > 0 ? int8_min_rows : INT64_MAX;
+  return any ? 1 : 0;
+#else
+  (void)bf16_min_rows;
+  (void)int8_min_rows;
   return 0;
 #endif
 }

@@ -11,6 +11,13 @@ building at once, never leave a broken library behind.
 Nothing here is required: with no compiler, a failed build, or
 ``RECURSIVE_LM_NATIVE=0``, ``load()`` returns False (once, with a warning
 naming the cause) and callers use XLA's own dot instead.
+
+AMX: on a CPU with AMX-TILE and AMX-BF16 (Sapphire Rapids and later) the
+library has a tile-unit path for bf16 and int8 panels, used from
+``AMX_MIN_ROWS`` rows on. It is chosen at run time: only when the library was
+built with it, Linux grants the tile state (``arch_prctl``) and a test tile
+multiply runs (in a forked child), and ``RLM_AMX`` is not ``"0"``.
+``panel_path(weights, rows)`` says which path a call takes.
 """
 from __future__ import annotations
 
@@ -37,6 +44,17 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 # Extra compiler flags, e.g. "-mno-avx512bf16" to build the bf16 kernel's
 # widening path on a CPU with AVX-512 BF16 (tests); part of the cache key.
 EXTRA_FLAGS_ENV = "RECURSIVE_LM_KERNEL_FLAGS"
+
+
+# Row counts from which bf16 / int8 panels use AMX tiles (0: never). bf16:
+# the crossover measured on Emerald Rapids (1 row: AMX 20.0 vs vdpbf16ps 20.6
+# GB/s, 2 rows: 21.8 vs 14.5, 8 rows: 19.1 vs 9.5; docs/weight_formats.md).
+# int8: off, its AMX path (each panel widened to bf16 in L1, activations
+# rounded to bf16) measured no faster than the f32 FMAs (8 rows: 7.6 vs 7.9
+# GB/s). RLM_AMX_MIN_ROWS=N sets both (int8 too), RLM_AMX=0 turns AMX off.
+AMX_MIN_ROWS = {"bf16": 2, "int8": 0}
+AMX_ENV = "RLM_AMX"
+AMX_MIN_ROWS_ENV = "RLM_AMX_MIN_ROWS"
 
 
 def _flags() -> tuple[str, ...]:
@@ -120,21 +138,86 @@ def load() -> bool:
           jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
                                       platform="cpu")
         _state["bf16_dot"] = bool(lib.RecursiveLmBf16DotProducts())
+        _state["lib"] = lib
+        _state["amx_compiled"] = bool(lib.RecursiveLmAmxCompiled())
+        lib.RecursiveLmAmxInit.argtypes = [ctypes.c_int64, ctypes.c_int64]
         ok = True
       except (RuntimeError, OSError, AttributeError) as e:
         why = str(e)
         warnings.warn(f"recursive_lm native CPU kernels unavailable, using XLA dots "
                       f"(decoding is slower): {why}", RuntimeWarning, stacklevel=2)
     _state.update(ok=ok, why=why)
+    if ok:
+      _set_amx_locked(os.environ.get(AMX_ENV, "1") != "0")
     return ok
+
+
+def _set_amx_locked(enabled: bool) -> None:
+  rows = dict(AMX_MIN_ROWS)
+  if os.environ.get(AMX_MIN_ROWS_ENV):
+    rows = {k: int(os.environ[AMX_MIN_ROWS_ENV]) for k in rows}
+  if not enabled:
+    rows = {k: 0 for k in rows}
+  on = bool(_state["lib"].RecursiveLmAmxInit(rows["bf16"], rows["int8"]))
+  _state["amx_rows"] = rows if on else {k: 0 for k in rows}
+  if enabled and not on and "amx_why" not in _state:
+    _state["amx_why"] = ("not built (no AMX in -march=native)" if not _state["amx_compiled"]
+                         else "the kernel or CPU refused the tile state")
+  _state["amx_off_why"] = None if on else (
+      _state.get("amx_why") if enabled else f"disabled ({AMX_ENV}=0 or set_amx(False))")
+
+
+def set_amx(enabled: bool) -> bool:
+  """Turns the AMX path on or off for later calls (it is read at each call, so
+  compiled functions need no retrace); returns whether it is on."""
+  if not load():
+    return False
+  with _lock:
+    _set_amx_locked(enabled)
+  return amx()
+
+
+def amx() -> bool:
+  """True when bf16/int8 panels of enough rows run on AMX tiles."""
+  return load() and any(_state["amx_rows"].values())
+
+
+def amx_min_rows(weights: str) -> int | None:
+  """Rows from which ``weights`` ("bf16" | "int8") panels use AMX; None when never."""
+  if not amx():
+    return None
+  return _state["amx_rows"].get(weights) or None
+
+
+def panel_path(weights: str, rows: int) -> str:
+  """Which math a native panel matmul of ``rows`` rows in ``weights`` format runs."""
+  if not load():
+    return "XLA dot (native kernels off)"
+  lo = amx_min_rows(weights) if weights in ("bf16", "int8") else None
+  if lo is not None and rows >= lo:
+    return ("AMX-BF16 tiles" if weights == "bf16"
+            else "AMX-BF16 tiles (int8 widened to bf16)")
+  if weights == "bf16":
+    return "AVX-512 BF16 dot products" if _state.get("bf16_dot") else "widened to f32"
+  if weights == "int8":
+    return "int8 widened to f32, f32 FMAs"
+  return "f32 FMAs"
 
 
 def status() -> str:
   """One line saying whether the native kernels are in use, and why not."""
   if not load():
     return f"native CPU kernels: off ({_state['why']})"
-  return "native CPU kernels: on (bf16 panels: " + (
-      "AVX-512 BF16 dot products)" if _state.get("bf16_dot") else "widened to f32)")
+  line = "native CPU kernels: on (bf16 panels: " + (
+      "AVX-512 BF16 dot products" if _state.get("bf16_dot") else "widened to f32")
+  if amx():
+    r = _state["amx_rows"]
+    line += f"; AMX-BF16 tiles from {r['bf16']} rows" if r["bf16"] else "; AMX on"
+    line += (f", int8 on AMX from {r['int8']} rows (activations rounded to bf16)"
+             if r["int8"] else ", int8 panels not on AMX")
+  else:
+    line += f"; AMX: off, {_state['amx_off_why']}"
+  return line + ")"
 
 
 def bf16_dot_products() -> bool:

@@ -19,7 +19,14 @@ array's dtype:
 * ``int8``: int8 panels plus one float32 scale per output column
   (``[ceil(out / 32) * 32]``), symmetric: ``w[k, n] ~= scale[n] * q[k, n]``
   with ``scale[n] = max_k |w[k, n]| / 127``. The kernel widens q to f32 in
-  registers and applies the scale to the sums; activations stay float32.
+  registers and applies the scale to the sums; activations stay float32. (An
+  AMX path that widens q to bf16 and rounds the activations to bf16 exists
+  but is off by default: measured no faster, see ``native.AMX_MIN_ROWS``.)
+
+On a CPU with AMX (``native.amx()``), bf16 panels of at least
+``native.AMX_MIN_ROWS["bf16"]`` rows run on the tile unit: the paired bf16 layout is
+AMX's B-tile format as it is. ``native.panel_path(weights, rows)`` names the
+path a call takes.
 """
 from __future__ import annotations
 
