@@ -130,14 +130,9 @@ class LoopwiseServer:
     rows = prefill_rows or ((p,) if lockstep else (*small, p))
     self.prefill_rows = tuple(sorted({min(max(int(r), 1), p) for r in rows}))
     if head_rows is None:
-      # Varied depths: tokens completed per step average m = P / E[depth] and
-      # vary about as much as sqrt(m); that margin keeps >= 99% of them from
-      # waiting a step for the head (simulated). One depth for every token: all
-      # P rows, so slots that start together stay together and the head runs
-      # once per token for the whole pool, as in lockstep.
-      mean = p / self._expected_depth()
-      head_rows = (p if lockstep or self._fixed_depth() else
-                   math.ceil(mean + math.sqrt(mean)))
+      # At most every slot: the head bucket (below) fits the slots that wait,
+      # so no finished token waits a step for the head.
+      head_rows = p
     self.head_rows = min(max(int(head_rows), 1), p)
     # Staged refills (loop-wise): the next requests are prefilled together, in
     # one pass of ``stage_rows`` rows per chunk, into a staging cache, and a
@@ -150,11 +145,14 @@ class LoopwiseServer:
       raise ValueError(f"stage_rows must be >= 0 (0: refill slots in place), got {stage_rows}")
     self.stage_rows = 0 if lockstep else int(stage_rows)
     # Head buckets: the head runs on the smallest bucket that holds every slot
-    # waiting for it (at most head_rows), picked by 0/1-trip while_loops.
+    # waiting for it (at most head_rows), picked by 0/1-trip while_loops, so it
+    # costs per emitted token, not per slot. One depth for every token (or
+    # lockstep): the one bucket of all head_rows, so slots that start together
+    # stay together and the head runs once per token for the pool.
     if head_buckets is None:
       step = max(p // 8, 1)
-      head_buckets = (self.head_rows,) if self.head_rows == p and (
-          lockstep or self._fixed_depth()) else range(step, self.head_rows + step, step)
+      head_buckets = ((self.head_rows,) if lockstep or self._fixed_depth() else
+                      range(step, self.head_rows + step, step))
     self.head_buckets = tuple(sorted({min(max(int(b), 1), self.head_rows)
                                       for b in head_buckets} | {self.head_rows}))
 
