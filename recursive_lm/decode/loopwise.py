@@ -4,20 +4,28 @@ A pool of ``P`` slots; each slot holds one request's current token at its
 *own* loop of the shared block and owns one row of a static KV cache. The
 whole serving run is one ``lax.while_loop`` on the device; each iteration:
 
-1. **admits**: free slots take the next requests from the device-side queue
-   (prompt buffer ``[Q, T]``, lengths, a head pointer);
-2. **prefills** waiting slots in fixed-size chunks of ``prefill_chunk`` tokens
-   at full depth (up to ``prefill_rows`` slots per pass, the static number of
-   rows chosen by how many wait); a slot whose prompt is complete samples its
-   first token;
+1. **admits** (staged refills, the loop-wise default): free slots take the
+   next *staged* requests, one cache-row copy each. The stage (``stage_rows``
+   rows, default P, with its own KV cache) is filled when it is empty: the
+   next ``stage_rows`` requests of the device-side queue (prompt buffer
+   ``[Q, T]``, lengths, a head pointer) are prefilled together at full depth,
+   one pass of ``stage_rows`` rows per ``prefill_chunk`` tokens, and their
+   first tokens sampled by one head call. Refills thus cost what lockstep's
+   batched prefill costs (on this CPU a 1-4 row pass costs 1.6-2.5x per row);
+2. with ``stage_rows=0`` (and in lockstep) free slots instead take requests
+   directly and **prefill in place** in chunks of ``prefill_chunk`` tokens
+   (up to ``prefill_rows`` slots per pass, the static number of rows chosen
+   by how many wait); a slot whose prompt is complete samples its first token;
 3. **applies one loop** of the shared block to every decoding slot at its own
    loop index (``decode.loopwise_block.block_loop``: one static cache layout,
    single-slot KV writes, no per-row cache copies); slots starting a token run
    embedding + prelude, slots at their last loop the coda;
-4. **emits**: a slot whose token is complete waits for the LM head, which runs
-   on a compacted set of ``head_rows`` such slots (rotating priority; the rest
-   wait a step), so the 49k-vocabulary head costs per emitted token, not per
-   slot and step. Tokens that stopped before the last loop get the K/V of the
+4. **emits**: slots whose token is complete are gathered into the smallest
+   static *head bucket* that holds them (``head_buckets``, default multiples
+   of P/8, chosen by 0/1-trip ``while_loop``s: ``decode.inplace``, no
+   conditional that copies the cache) and the LM head runs on that bucket,
+   so the 49k-vocabulary head costs per emitted token, not per slot and step
+   (``head_rows`` caps the bucket; slots beyond it wait a step, rotating). Tokens that stopped before the last loop get the K/V of the
    loops they skipped by state copying (CALM) for those rows only. Emitted
    tokens go straight into the per-request output buffer ``[Q, max_new]``;
    a finished request frees its slot for step 1 of the next iteration.
@@ -95,9 +103,12 @@ class LoopwiseServer:
       unserved waiting slots fill is used, repeatedly, until every waiting
       slot has its next chunk); default: the powers of two with at most 64
       token rows per pass, and P; (P,) in lockstep.
-    head_rows: slots the head serves per step (deferred emission); default P
-      in lockstep or when every token has the same depth, else m + sqrt(m)
-      with m = P / (expected depth).
+    head_rows: most slots the head serves per step (default P: none waits).
+    head_buckets: static row counts of the head (the smallest that holds the
+      waiting slots runs); default multiples of P/8 up to head_rows, or just
+      head_rows in lockstep or when every token has the same depth.
+    stage_rows: rows of the refill stage (loop-wise; default P); 0 prefills
+      refills in place in the slots (passes of ``prefill_rows``).
     kernel_layout, fuse: decode weight layout, as for ``Engine``.
   """
 
