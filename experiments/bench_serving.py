@@ -22,9 +22,9 @@ the ideal counting the FLOPs each token needs (its loops, the LM head, the K/V
 projections of skipped layers), and the fraction of each ideal realised.
 Greedy; both servers must emit identical tokens (checked).
 
-    python experiments/bench_serving.py --loops=2            # one hold, ~6 min
+    python experiments/bench_serving.py --loops=2 --requests=128   # one hold, ~6 min
     python experiments/bench_serving.py --loops=3 --append
-    python experiments/bench_serving.py --loops=2,3 --mor --scenarios=varied --append
+    python experiments/bench_serving.py --loops=2 --mor --scenarios=varied --append
 """
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ import sys
 import time
 
 from absl import app, flags
+
+# this checkout's package, not an installed copy
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "results", "Output folder.")

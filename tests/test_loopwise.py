@@ -41,10 +41,17 @@ def test_chunked_prefill_and_small_head_equal_engine(model):
   eng = Engine(cfg, params)
   ref = [eng.generate([p], max_new_tokens=N_NEW).tokens[0] for p in PROMPTS]
   srv = LoopwiseServer(cfg, params, slots=3, prefill_chunk=4, prefill_rows=(1,),
-                       head_rows=1)
+                       head_rows=1, stage_rows=0)
   out = srv.generate(PROMPTS, max_new_tokens=N_NEW)
   assert out.tokens == ref
   assert out.prefill_passes == sum(-(-len(p) // 4) for p in PROMPTS)
+  # staged refills: stages of 2 requests, each prefilled in passes of 2 rows
+  # per chunk (as many as its longest prompt needs), copied into free slots
+  staged = LoopwiseServer(cfg, params, slots=3, prefill_chunk=4, stage_rows=2)
+  out = staged.generate(PROMPTS, max_new_tokens=N_NEW)
+  assert out.tokens == ref
+  stages = [PROMPTS[i:i + 2] for i in range(0, len(PROMPTS), 2)]
+  assert out.prefill_passes == sum(-(-max(map(len, g)) // 4) for g in stages)
 
 
 def test_xla_depth_attention_equals_engine(model, monkeypatch):

@@ -4,20 +4,28 @@ A pool of ``P`` slots; each slot holds one request's current token at its
 *own* loop of the shared block and owns one row of a static KV cache. The
 whole serving run is one ``lax.while_loop`` on the device; each iteration:
 
-1. **admits**: free slots take the next requests from the device-side queue
-   (prompt buffer ``[Q, T]``, lengths, a head pointer);
-2. **prefills** waiting slots in fixed-size chunks of ``prefill_chunk`` tokens
-   at full depth (up to ``prefill_rows`` slots per pass, the static number of
-   rows chosen by how many wait); a slot whose prompt is complete samples its
-   first token;
+1. **admits** (staged refills, the loop-wise default): free slots take the
+   next *staged* requests, one cache-row copy each. The stage (``stage_rows``
+   rows, default P, with its own KV cache) is filled when it is empty: the
+   next ``stage_rows`` requests of the device-side queue (prompt buffer
+   ``[Q, T]``, lengths, a head pointer) are prefilled together at full depth,
+   one pass of ``stage_rows`` rows per ``prefill_chunk`` tokens, and their
+   first tokens sampled by one head call. Refills thus cost what lockstep's
+   batched prefill costs (on this CPU a 1-4 row pass costs 1.6-2.5x per row);
+2. with ``stage_rows=0`` (and in lockstep) free slots instead take requests
+   directly and **prefill in place** in chunks of ``prefill_chunk`` tokens
+   (up to ``prefill_rows`` slots per pass, the static number of rows chosen
+   by how many wait); a slot whose prompt is complete samples its first token;
 3. **applies one loop** of the shared block to every decoding slot at its own
    loop index (``decode.loopwise_block.block_loop``: one static cache layout,
    single-slot KV writes, no per-row cache copies); slots starting a token run
    embedding + prelude, slots at their last loop the coda;
-4. **emits**: a slot whose token is complete waits for the LM head, which runs
-   on a compacted set of ``head_rows`` such slots (rotating priority; the rest
-   wait a step), so the 49k-vocabulary head costs per emitted token, not per
-   slot and step. Tokens that stopped before the last loop get the K/V of the
+4. **emits**: slots whose token is complete are gathered into the smallest
+   static *head bucket* that holds them (``head_buckets``, default multiples
+   of P/8, chosen by 0/1-trip ``while_loop``s: ``decode.inplace``, no
+   conditional that copies the cache) and the LM head runs on that bucket,
+   so the 49k-vocabulary head costs per emitted token, not per slot and step
+   (``head_rows`` caps the bucket; slots beyond it wait a step, rotating). Tokens that stopped before the last loop get the K/V of the
    loops they skipped by state copying (CALM) for those rows only. Emitted
    tokens go straight into the per-request output buffer ``[Q, max_new]``;
    a finished request frees its slot for step 1 of the next iteration.
@@ -64,40 +72,17 @@ from recursive_lm.decode.sampling import SamplingConfig, argmax, sample
 from recursive_lm.decode.serving import (BatchOutput, ExitPolicy, check_recursive,
                                          exit_confidence)
 from recursive_lm.early_exit.thresholds import should_exit
+from recursive_lm.decode.inplace import select_branch, when
+from recursive_lm.nn.cache import KVCache, as_kv_cache
 from recursive_lm.nn.model import Transformer, decode_layout, init_cache
 
 Array = jax.Array
 FREE, PREFILL, DECODE = 0, 1, 2
 
 
-def _lists(cache):
-  return {g: (v if not isinstance(v, (list, tuple)) else [tuple(c) for c in v])
-          for g, v in cache.items()}
-
-
-def _rows(cache, idx):
-  """The cache rows idx [R] (block rows on axis 1)."""
-  out = {}
-  for g, v in cache.items():
-    ax = 1 if g in ("block", "block_valid") else 0
-    out[g] = (jnp.take(v, idx, axis=ax) if g == "block_valid" else
-              [tuple(jnp.take(c, idx, axis=ax) for c in kv) for kv in v])
-  return out
-
-
-def _set_rows(cache, rows, idx):
-  """Writes rows back at idx [R]; idx out of range writes nothing."""
-  out = {}
-  for g, v in cache.items():
-    if g == "block_valid":
-      out[g] = v.at[:, idx].set(rows[g].astype(v.dtype), mode="drop")
-    elif g == "block":
-      out[g] = [tuple(c.at[:, idx].set(r.astype(c.dtype), mode="drop")
-                      for c, r in zip(kv, rkv)) for kv, rkv in zip(v, rows[g])]
-    else:
-      out[g] = [tuple(c.at[idx].set(r.astype(c.dtype), mode="drop")
-                      for c, r in zip(kv, rkv)) for kv, rkv in zip(v, rows[g])]
-  return out
+def _lists(cache) -> KVCache:
+  """The cache as a ``KVCache`` (tuple groups: one loop-carry structure)."""
+  return as_kv_cache(cache)
 
 
 def _put(x: Array, idx: Array, val) -> Array:
@@ -118,9 +103,12 @@ class LoopwiseServer:
       unserved waiting slots fill is used, repeatedly, until every waiting
       slot has its next chunk); default: the powers of two with at most 64
       token rows per pass, and P; (P,) in lockstep.
-    head_rows: slots the head serves per step (deferred emission); default P
-      in lockstep or when every token has the same depth, else m + sqrt(m)
-      with m = P / (expected depth).
+    head_rows: most slots the head serves per step (default P: none waits).
+    head_buckets: static row counts of the head (the smallest that holds the
+      waiting slots runs); default multiples of P/8 up to head_rows, or just
+      head_rows in lockstep or when every token has the same depth.
+    stage_rows: rows of the refill stage (loop-wise; default P); 0 prefills
+      refills in place in the slots (passes of ``prefill_rows``).
     kernel_layout, fuse: decode weight layout, as for ``Engine``.
   """
 
@@ -128,7 +116,8 @@ class LoopwiseServer:
                lockstep: bool = False, eos_id: int | None = None,
                pad_id: int | None = None, prefill_chunk: int = 32,
                prefill_rows: Sequence[int] | None = None, head_rows: int | None = None,
-               kernel_layout: str | None = None, fuse: bool = False, weights: str = "f32"):
+               kernel_layout: str | None = None, fuse: bool = False, weights: str = "f32",
+               stage_rows: int | None = None, head_buckets: Sequence[int] | None = None):
     check_recursive(cfg, "depth-wise batching" if not lockstep else
                     "the sequence-wise early-exit baseline")
     if slots < 1:
@@ -152,15 +141,31 @@ class LoopwiseServer:
     rows = prefill_rows or ((p,) if lockstep else (*small, p))
     self.prefill_rows = tuple(sorted({min(max(int(r), 1), p) for r in rows}))
     if head_rows is None:
-      # Varied depths: tokens completed per step average m = P / E[depth] and
-      # vary about as much as sqrt(m); that margin keeps >= 99% of them from
-      # waiting a step for the head (simulated). One depth for every token: all
-      # P rows, so slots that start together stay together and the head runs
-      # once per token for the whole pool, as in lockstep.
-      mean = p / self._expected_depth()
-      head_rows = (p if lockstep or self._fixed_depth() else
-                   math.ceil(mean + math.sqrt(mean)))
+      # At most every slot: the head bucket (below) fits the slots that wait,
+      # so no finished token waits a step for the head.
+      head_rows = p
     self.head_rows = min(max(int(head_rows), 1), p)
+    # Staged refills (loop-wise): the next requests are prefilled together, in
+    # one pass of ``stage_rows`` rows per chunk, into a staging cache, and a
+    # slot that frees takes a staged request by copying its cache row. Refills
+    # then cost what lockstep's batched prefill costs instead of small passes
+    # of 1-4 rows (1.6-2.5x the cost per row on this CPU's skinny matmuls).
+    if stage_rows is None:
+      stage_rows = 0 if lockstep else p
+    if stage_rows < 0:
+      raise ValueError(f"stage_rows must be >= 0 (0: refill slots in place), got {stage_rows}")
+    self.stage_rows = 0 if lockstep else int(stage_rows)
+    # Head buckets: the head runs on the smallest bucket that holds every slot
+    # waiting for it (at most head_rows), picked by 0/1-trip while_loops, so it
+    # costs per emitted token, not per slot. One depth for every token (or
+    # lockstep): the one bucket of all head_rows, so slots that start together
+    # stay together and the head runs once per token for the pool.
+    if head_buckets is None:
+      step = max(p // 8, 1)
+      head_buckets = ((self.head_rows,) if lockstep or self._fixed_depth() else
+                      range(step, self.head_rows + step, step))
+    self.head_buckets = tuple(sorted({min(max(int(b), 1), self.head_rows)
+                                      for b in head_buckets} | {self.head_rows}))
 
   def _fixed_depth(self) -> bool:
     if isinstance(self.exit, ForcedDepth):
@@ -181,7 +186,7 @@ class LoopwiseServer:
   def _static_key(self):
     return (type(self), self.cfg, self.slots, self.exit if not self._emit_now else
             self.exit.measure, self.lockstep, self.eos_id, self.pad_id, self.chunk,
-            self.prefill_rows, self.head_rows)
+            self.prefill_rows, self.head_rows, self.stage_rows, self.head_buckets)
 
   def __hash__(self):
     return hash(self._static_key())
@@ -202,7 +207,18 @@ class LoopwiseServer:
         rid=zi - 1, phase=zi, pf=zi, pos=zi, tok=zi, loop=zi, target=zi, n_out=zi,
         h=jnp.zeros((p, self.cfg.d_model), jnp.dtype(self.cfg.dtype)),
         ready=zb, parked=zb, final=zb, seed=jnp.asarray(seed, jnp.int32),
-        steps=zero, busy=zero, head_calls=zero, prefill_passes=zero, iters=zero)
+        steps=zero, busy=zero, head_calls=zero, prefill_passes=zero, iters=zero,
+        **self._init_stage())
+
+  def _init_stage(self):
+    """The staging area of staged refills (no entries when not staged); its
+    cache (``stage``) is added by ``generate``."""
+    g = self.stage_rows
+    if not g:
+      return {}
+    zi = jnp.zeros((g,), jnp.int32)
+    return dict(s_rid=zi - 1, s_tok=zi, s_live=jnp.zeros((g,), bool),
+                s_end=jnp.zeros((g,), bool))
 
   def _target(self, rid: Array, j: Array) -> Array:
     """Loops token j of request rid runs."""
@@ -265,8 +281,8 @@ class LoopwiseServer:
       h, cache = self._prefill_layers(params, h, cols, cache, ws, first)
       cache = _lists(cache)
     else:
-      h, sub = self._prefill_layers(params, h, cols, _rows(cache, ri), ws, first)
-      cache = _set_rows(_lists(cache), _lists(sub), rows)
+      h, sub = self._prefill_layers(params, h, cols, _lists(cache).rows(ri), ws, first)
+      cache = _lists(cache).set_rows(rows, sub)
     done = ok & (pf + c >= ln)
     last = jnp.clip(ln - 1 - pf, 0, c - 1)
     hl = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
@@ -307,6 +323,86 @@ class LoopwiseServer:
       carry = jax.lax.while_loop(todo, step, carry)
     return carry[0], carry[1]
 
+  # -- 2b. staged refills -------------------------------------------------------
+  def _stage_fill(self, params, st, max_new, sampling, stop_at_eos):
+    """The next ``stage_rows`` queued requests, prefilled together (all their
+    chunks, one pass of ``stage_rows`` rows each) into the staging cache; their
+    first tokens sampled by one head call."""
+    cfg, g, c = self.cfg, self.stage_rows, self.chunk
+    sc = _lists(st["stage"])
+    s, tq = sc.length, st["q_tok"].shape[1]
+    idx = st["head"] + jnp.arange(g, dtype=jnp.int32)
+    ok = idx < st["n_req"]
+    rid = jnp.where(ok, idx, 0)
+    ln = jnp.where(ok, st["q_len"][rid], 0)
+    first_chunk = ok
+
+    def chunk(carry):
+      pf, sc, hl, n = carry
+      cols = pf + jnp.arange(c, dtype=jnp.int32)[None]
+      cols = jnp.broadcast_to(cols, (g, c))
+      toks = jnp.take_along_axis(st["q_tok"][rid], jnp.minimum(cols, tq - 1), axis=1)
+      ws = jnp.where(cols < ln[:, None], cols, s)
+      h, sc = self._prefill_layers(params, D.embed(cfg, params, toks), cols, sc, ws,
+                                   first_chunk & (pf == 0))
+      done = (pf < ln) & (pf + c >= ln)
+      last = jnp.clip(ln - 1 - pf, 0, c - 1)
+      h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
+      return pf + c, _lists(sc), jnp.where(done[:, None], h_last, hl).astype(hl.dtype), n + 1
+
+    hl = jnp.zeros((g, cfg.d_model), st["h"].dtype)
+    _, sc, hl, n = jax.lax.while_loop(lambda a: a[0] < jnp.max(ln), chunk,
+                                      (jnp.int32(0), sc, hl, jnp.int32(0)))
+    first = self._sample(D.head(cfg, params, hl), rid, jnp.zeros_like(rid), st["seed"],
+                         sampling)
+    ends = ok & ((first == self._eos(stop_at_eos)) | (max_new <= 1))
+    st = dict(st)
+    qi = jnp.where(ok, rid, st["out_tok"].shape[0])
+    st["out_tok"] = st["out_tok"].at[qi, 0].set(first, mode="drop")
+    if not self._feedback_depths:
+      st["out_dep"] = st["out_dep"].at[qi, 0].set(cfg.plan.loops, mode="drop")
+    st["out_n"] = _put(st["out_n"], qi, 1)
+    # a request done at its first token needs no slot (MoR still feeds it back once)
+    live = ok & ~ends if not self._feedback_depths else ok
+    return dict(st, stage=sc, s_rid=jnp.where(ok, idx, -1), s_tok=first.astype(jnp.int32),
+                s_live=live,
+                s_end=ends, head=st["head"] + jnp.sum(ok, dtype=jnp.int32),
+                prefill_passes=st["prefill_passes"] + n)
+
+  def _admit_staged(self, st, cache):
+    """Free slots take staged requests in order, one cache-row copy each."""
+    p = self.slots
+    free, avail = st["phase"] == FREE, st["s_live"]
+    free_rank = jnp.where(free, jnp.cumsum(free) - 1, -1)
+    avail_rank = jnp.where(avail, jnp.cumsum(avail) - 1, -1)
+    n = jnp.minimum(jnp.sum(free), jnp.sum(avail)).astype(jnp.int32)
+
+    def move(carry):
+      i, st, cache = carry
+      slot = jnp.argmax(free_rank == i).astype(jnp.int32)
+      row = jnp.argmax(avail_rank == i).astype(jnp.int32)
+      cache = cache.set_rows(slot[None], _lists(st["stage"]).rows(row[None]))
+      rid = st["s_rid"][row]
+      st = dict(st)
+      for k, v in (("phase", DECODE), ("rid", rid), ("pos", st["q_len"][rid]),
+                   ("tok", st["s_tok"][row]), ("loop", 0), ("n_out", 1),
+                   ("target", self._target(rid[None], jnp.ones((1,), jnp.int32))[0]),
+                   ("ready", False), ("parked", False), ("final", st["s_end"][row])):
+        st[k] = st[k].at[slot].set(jnp.asarray(v).astype(st[k].dtype))
+      st["s_live"] = st["s_live"].at[row].set(False)
+      return i + 1, st, _lists(cache)
+
+    _, st, cache = jax.lax.while_loop(lambda a: a[0] < n, move,
+                                      (jnp.int32(0), st, _lists(cache)))
+    return st, cache
+
+  def _refill_staged(self, params, st, cache, **static):
+    """Free slots take staged requests; an empty stage takes the next ones."""
+    st, cache = self._admit_staged(st, cache)
+    empty = ~jnp.any(st["s_live"]) & (st["head"] < st["n_req"])
+    st = when(empty, lambda st: self._stage_fill(params, st, **static), st)
+    return self._admit_staged(st, cache)
+
   # -- 3. one loop for every decoding slot -------------------------------------
   _feedback_depths = False  # MoR records the depth of the fed-back token
 
@@ -323,7 +419,7 @@ class LoopwiseServer:
                              jnp.where(fresh, pos, s)[:, None])
     h_in = jnp.where(fresh[:, None], h0[:, 0], st["h"])
     h, blk = B.block_loop(cfg, params, loop, h_in, pos, cache["block"], go)
-    cache = dict(cache, block=blk)
+    cache = _lists(cache).replace(block=blk)
     last = loop == n_loops - 1
     h_out = h
     if plan.coda:
@@ -340,10 +436,9 @@ class LoopwiseServer:
     early = go & ~last & should_exit(exit_confidence(self.exit, logits, h_in, h),
                                      threshold)
     rows = jnp.arange(self.slots)
-    cache = jax.lax.cond(
-        jnp.any(early),
-        lambda c: B.fill_kv(cfg, params, c, rows, h, pos, loop + 1, early),
-        lambda c: c, _lists(cache))
+    cache = when(jnp.any(early),
+                 lambda c: B.fill_kv(cfg, params, c, rows, h, pos, loop + 1, early),
+                 _lists(cache))
     emit = go & (last | early)
     st = dict(st, loop=jnp.where(go & ~emit, loop + 1, loop),
               head_calls=st["head_calls"] + 1)
@@ -389,10 +484,10 @@ class LoopwiseServer:
       st["parked"] = _put(st["parked"], ac, True)
     return st
 
-  def _head_step(self, params, st, cache, max_new, sampling, stop_at_eos):
-    """The head for up to ``head_rows`` waiting slots (rotating priority), with
-    the K/V fill of the loops their tokens skipped."""
-    cfg, p, hr = self.cfg, self.slots, self.head_rows
+  def _head_step(self, hr: int, params, st, cache, max_new, sampling, stop_at_eos):
+    """The head for up to ``hr`` waiting slots (rotating priority), with the
+    K/V fill of the loops their tokens skipped."""
+    cfg, p = self.cfg, self.slots
     slots = jnp.arange(p, dtype=jnp.int32)
     key = jnp.where(st["ready"], (slots - st["iters"]) % p, p + slots)
     sel = jnp.argsort(key)[:hr].astype(jnp.int32)
@@ -401,10 +496,9 @@ class LoopwiseServer:
     depth = st["loop"][sel] + 1
     if not self._feedback_depths:
       skipped = ok & (depth < cfg.plan.loops)
-      cache = jax.lax.cond(
-          jnp.any(skipped),
-          lambda c: B.fill_kv(cfg, params, c, sel, h, st["pos"][sel], depth, ok),
-          lambda c: c, _lists(cache))
+      cache = when(jnp.any(skipped),
+                   lambda c: B.fill_kv(cfg, params, c, sel, h, st["pos"][sel], depth, ok),
+                   _lists(cache))
     else:
       depth = st["cnt"][sel]
     logits = D.head(cfg, params, h)
@@ -415,8 +509,11 @@ class LoopwiseServer:
   def _step(self, params, carry, threshold, max_new, sampling, stop_at_eos):
     st, cache = carry
     static = dict(max_new=max_new, sampling=sampling, stop_at_eos=stop_at_eos)
-    st = self._admit(st)
-    st, cache = self._prefill(params, st, cache, **static)
+    if self.stage_rows:
+      st, cache = self._refill_staged(params, st, cache, **static)
+    else:
+      st = self._admit(st)
+      st, cache = self._prefill(params, st, cache, **static)
     decoding = st["phase"] == DECODE
     go = decoding & ~st["ready"] & ~st["parked"]
     if self.lockstep:
@@ -431,9 +528,14 @@ class LoopwiseServer:
       need = jnp.any(st["ready"])
       if self.lockstep:  # once per token, when the deepest row is done
         need = need & ~jnp.any((st["phase"] == DECODE) & ~st["ready"] & ~st["parked"])
-      st, cache = jax.lax.cond(
-          need, lambda a: self._head_step(params, *a, **static), lambda a: a,
-          (st, cache))
+      # the smallest head bucket that holds every waiting slot (at most head_rows)
+      buckets = self.head_buckets
+      n_ready = jnp.minimum(jnp.sum(st["ready"], dtype=jnp.int32), self.head_rows)
+      pick = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), n_ready).astype(jnp.int32)
+      pick = jnp.where(need, pick, len(buckets))
+      st, cache = select_branch(
+          pick, [lambda a, b=b: self._head_step(b, params, *a, **static) for b in buckets],
+          (st, _lists(cache)))
     if self.lockstep:  # the batch moves on when no row is still computing
       moving = (st["phase"] == DECODE) & ~st["parked"]
       st = dict(st, parked=st["parked"] & jnp.any(moving))
@@ -445,7 +547,8 @@ class LoopwiseServer:
              stop_at_eos):
     def cond(c):
       st = c[0]
-      return ((jnp.any(st["phase"] != FREE) | (st["head"] < st["n_req"]))
+      staged = jnp.any(st["s_live"]) if self.stage_rows else False
+      return ((jnp.any(st["phase"] != FREE) | (st["head"] < st["n_req"]) | staged)
               & (st["iters"] < max_iters))
 
     def body(c):
@@ -472,6 +575,8 @@ class LoopwiseServer:
     st = self._init_state(jnp.asarray(toks), jnp.asarray(lens),
                           jnp.asarray(len(prompts), jnp.int32), max_new_tokens, seed)
     cache = init_cache(self.cfg, self.slots, s)
+    if self.stage_rows:
+      st["stage"] = init_cache(self.cfg, self.stage_rows, s)
     threshold = jnp.float32(self.exit.threshold if self._emit_now else math.inf)
     st, _ = self._serve(self.params, st, cache, threshold,
                         jnp.asarray(np.iinfo(np.int32).max, jnp.int32),

@@ -35,6 +35,7 @@ from recursive_lm.kernels import attention as native_attention
 from recursive_lm.kernels import native
 from recursive_lm.kernels.panel import PANEL
 from recursive_lm.nn import layers as L
+from recursive_lm.nn.cache import as_kv_cache
 
 Array = jax.Array
 
@@ -174,16 +175,15 @@ def fill_kv(cfg: ModelConfig, params, cache, rows: Array, h: Array, pos: Array,
   """State copying for ``rows`` [R] (slot indices) whose token stopped after
   ``depth`` [R] loops with exit state h [R, D] at pos [R]: K/V of every skipped
   block layer (loops >= depth) and of the coda, from h. Rows with ``valid``
-  False or depth == N write nothing. Returns the cache."""
+  False or depth == N write nothing. Returns the cache (a ``nn.cache.KVCache``)."""
   plan = cfg.plan
   n_loops = plan.loops
   hkv, dh = cfg.n_kv_heads, cfg.head_dim
-  s = cache["block"][0][0].shape[3]
-  p = cache["block"][0][0].shape[1]
+  cache = as_kv_cache(cache)
+  s, p = cache.length, cache.batch
   cos, sin = L.rope_cos_sin(cfg.rope, dh, pos[:, None])
   x = h[:, None]
   r = rows.shape[0]
-  cache = {g: list(v) for g, v in cache.items()}
   units = plan.unrolled()
   for i in range(plan.prelude + plan.block, len(units)):
     group, idx, loop = units[i]
@@ -198,7 +198,8 @@ def fill_kv(cfg: ModelConfig, params, cache, rows: Array, h: Array, pos: Array,
     k = L.apply_rope(k.reshape(r, 1, hkv, dh), cos, sin)[:, 0]
     v = v.reshape(r, hkv, dh)
     slot = jnp.where(skip, pos, s)[:, None]
-    ck, cv = cache[group][idx]
+    ck0, cv0 = cache[group][idx]
+    ck, cv = ck0, cv0
     if group == "block":
       flat_rows = (loop * p + rows[:, None]) * hkv + jnp.arange(hkv)[None]
       n = ck.shape[0]
@@ -208,6 +209,5 @@ def fill_kv(cfg: ModelConfig, params, cache, rows: Array, h: Array, pos: Array,
       shape = (p * hkv, s, dh)
     ck = ck.reshape(shape).at[flat_rows, slot].set(k.astype(ck.dtype), mode="drop")
     cv = cv.reshape(shape).at[flat_rows, slot].set(v.astype(cv.dtype), mode="drop")
-    cache[group][idx] = (ck.reshape(cache[group][idx][0].shape),
-                         cv.reshape(cache[group][idx][1].shape))
-  return {g: [tuple(c) for c in v] for g, v in cache.items()}
+    cache = cache.with_layer(group, idx, (ck.reshape(ck0.shape), cv.reshape(cv0.shape)))
+  return cache

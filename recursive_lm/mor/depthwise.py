@@ -70,9 +70,11 @@ class MoRLoopwiseServer(LoopwiseServer):
       raise ValueError("MoR serving takes exit=None (the routers decide) or a ForcedDepth "
                        "with a token-choice router (RouterConfig(kind='token')); got "
                        f"{exit!r} with kind={cfg.router.kind!r}")
-    if exit is None and not kw.get("lockstep"):
-      kw.setdefault("head_rows", slots)  # router depths: no expected depth to size by
     super().__init__(cfg, params, slots=slots, exit=exit, **kw)
+
+  def _fixed_depth(self) -> bool:
+    """The routers decide each token's depth: not fixed unless forced."""
+    return self.exit is not None and super()._fixed_depth()
 
   def _init_state(self, *a, **k):
     st = super()._init_state(*a, **k)
