@@ -465,7 +465,7 @@ def to_markdown(rows, meta, runs=None) -> str:
   runs = runs or [meta]
   cmds = [f"* `{u['command']}` ({u['date']})" for u in runs]
   out = [f"# Forced-exit benchmark ({meta['date']})", "",
-         "Commands (each run times its (model, batch) pairs; `--merge` joins them):", "",
+         "Commands (each run times its (model, batch, policy family) rows; `--merge` joins them; the batch-32 rows predate the fix of docs/engine.md and its roofline ideal):", "",
          *cmds, "",
          f"Machine: {meta['machine']}; layout {meta['layout']}; {meta['new_tokens']} new "
          f"tokens, {meta['prompt_len']}-token prompts, median of the interleaved runs "
@@ -520,6 +520,8 @@ def main(_):
           "repeats": FLAGS.repeats}
   if FLAGS.compile_only:
     return
+  for r in rows:
+    r["run"] = meta["date"]
   os.makedirs(FLAGS.out, exist_ok=True)
   stem = os.path.join(FLAGS.out, "bench_engines" + (f"_{FLAGS.tag}" if FLAGS.tag else ""))
   runs = [dict(meta, models=list(FLAGS.models), batches=[int(b) for b in FLAGS.batches],
@@ -549,10 +551,8 @@ def merge_rows(path: str, new_rows: list, new_runs: list) -> tuple[list, list]:
   rows = kept + new_rows
   rows.sort(key=lambda r: (_MODEL_ORDER.get(r["model"], 9), r["model"], r["batch"],
                            _FAMILY_ORDER.get(r["family"], 9)))  # stable within a family
-  left = {(r["model"], r["batch"], r["family"]) for r in kept}
-  runs = [u for u in old.get("runs", [old.get("meta", {})])
-          if any((m, b, f) in left for m in u.get("models", []) for b in u.get("batches", [])
-                 for f in ["full"] + u.get("policies", list(_FAMILY_ORDER)))]
+  left = {r.get("run") for r in kept}  # the date of the run that made each row
+  runs = [u for u in old.get("runs", [old.get("meta", {})]) if u.get("date") in left]
   return rows, runs + new_runs
 
 
