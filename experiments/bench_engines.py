@@ -465,7 +465,10 @@ def to_markdown(rows, meta, runs=None) -> str:
   runs = runs or [meta]
   cmds = [f"* `{u['command']}` ({u['date']})" for u in runs]
   out = [f"# Forced-exit benchmark ({meta['date']})", "",
-         "Commands (each run times its (model, batch, policy family) rows; `--merge` joins them; the batch-32 rows predate the fix of docs/engine.md and its roofline ideal):", "",
+         "Commands (each run times its (model, batch, policy family) rows; `--merge` joins them"
+         + ("; rows with no roofline ideal come from runs before it existed (their of "
+            "ideal is of the byte ideal)" if any("ideal_roofline" not in r for r in rows)
+            else "") + "):", "",
          *cmds, "",
          f"Machine: {meta['machine']}; layout {meta['layout']}; {meta['new_tokens']} new "
          f"tokens, {meta['prompt_len']}-token prompts, median of the interleaved runs "
