@@ -52,6 +52,7 @@ from recursive_lm.nn import unrolled as D
 from recursive_lm.decode.exit_rule import ExitRule
 from recursive_lm.decode.inplace import select_branch, when
 from recursive_lm.nn import layers as L
+from recursive_lm.nn.cache import KVCache, as_kv_cache
 from recursive_lm.nn.model import cache_length
 
 Array = jax.Array
@@ -69,17 +70,16 @@ class CalmSpec:
   oracle: str | None = None
 
 
-def _copy_first_loop(cache, k: int, n: int, pos: Array, slots: Array):
+def _copy_first_loop(cache, k: int, n: int, pos: Array, slots: Array) -> KVCache:
   """Block layer k, loop n <- loop 0's K/V of the same token (per-row slots)."""
-  ck, cv = cache["block"][k]
-  s = ck.shape[3]  # [N, B, Hkv, S, Dh]
+  cache = as_kv_cache(cache)
+  ck, cv = cache.block[k]  # [N, B, Hkv, S, Dh]
+  s = ck.shape[3]
   rows = jnp.arange(ck.shape[1])
   src = jnp.clip(pos, 0, s - 1)
-  new = {g: list(v) for g, v in cache.items()}
-  new["block"][k] = (
+  return cache.with_layer("block", k, (
       ck.at[n].set(L.scatter_kv(ck[n], ck[0, rows, :, src][:, None], slots)),
-      cv.at[n].set(L.scatter_kv(cv[n], cv[0, rows, :, src][:, None], slots)))
-  return new
+      cv.at[n].set(L.scatter_kv(cv[n], cv[0, rows, :, src][:, None], slots))))
 
 
 def fill_skipped(cfg: ModelConfig, params, kv: str, start: int, end: int, h: Array,

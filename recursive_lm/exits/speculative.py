@@ -48,6 +48,7 @@ from recursive_lm.exits import modules as M
 from recursive_lm.exits.artifact import ExitSet
 from recursive_lm.exits.train import meta_logit
 from recursive_lm.kernels.panel import panel_matmul, to_panels
+from recursive_lm.nn.cache import normalize_cache
 from recursive_lm.nn.model import Transformer, cache_length, decode_layout, init_cache
 
 Array = jax.Array
@@ -76,11 +77,6 @@ class ExitDecodeOutput(GenerateOutput):
 
 def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
-
-
-def _norm_cache(cache):
-  return {g: ([tuple(c) for c in v] if isinstance(v, (list, tuple)) else v)
-          for g, v in cache.items()}
 
 
 class ExitSpeculativeEngine:
@@ -149,7 +145,7 @@ class ExitSpeculativeEngine:
   # -- pieces -------------------------------------------------------------------
   def _prefill_impl(self, params, cache, tokens, lengths):
     last, cache = prefill_step(self.model, params, cache, tokens, lengths)
-    return last, _norm_cache(cache)
+    return last, normalize_cache(cache)
 
   def _exit_token(self, ex, h):
     """Draft token ids [B] and confidence [B] from layer-E states h [B, D]."""
@@ -191,7 +187,7 @@ class ExitSpeculativeEngine:
       ok = conf >= tau
       n_conf = n_conf + (active & ok).astype(jnp.int32)
       active = active & ok & (i + 1 < k)
-      return i + 1, _norm_cache(cache), nxt.astype(jnp.int32), active, q, drafts, n, n_conf
+      return i + 1, normalize_cache(cache), nxt.astype(jnp.int32), active, q, drafts, n, n_conf
 
     q = jnp.zeros((b, k, cfg.d_model), jnp.dtype(cfg.dtype))
     zb = jnp.zeros((b,), jnp.int32)
@@ -208,7 +204,7 @@ class ExitSpeculativeEngine:
     chunk, cache = D.run_layers(self.cfg, params, self.exit_layer, self.cfg.plan.effective_depth,
                                 chunk, cpos, cache, jnp.where(valid, cpos, s))
     logits = D.head(self.cfg, params, chunk).astype(jnp.float32)
-    return _norm_cache(cache), jnp.argmax(logits, -1).astype(jnp.int32)
+    return normalize_cache(cache), jnp.argmax(logits, -1).astype(jnp.int32)
 
   def _deep(self, params, cache, chunk, pos, valid, rows):
     """``_deep_width`` on the narrowest width in (1, 2, 4, ..., W) that holds
@@ -225,7 +221,7 @@ class ExitSpeculativeEngine:
 
     idx = jnp.searchsorted(jnp.asarray(widths, jnp.int32), rows.astype(jnp.int32))
     idx = jnp.clip(idx, 0, len(widths) - 1)
-    return jax.lax.switch(idx, [branch(wd) for wd in widths], _norm_cache(cache))
+    return jax.lax.switch(idx, [branch(wd) for wd in widths], normalize_cache(cache))
 
   def _round(self, params, ex, cache, u, pos, done, tau):
     """One draft + check round. Returns (cache, drafts [B,K], a [B] accepted,
@@ -248,13 +244,13 @@ class ExitSpeculativeEngine:
         h = D.embed(cfg, params, last)
         h, cache = D.run_layers(cfg, params, 0, e, h, p, cache,
                                 jnp.where(live & has[:, None], p, s))
-        return h.astype(q.dtype), _norm_cache(cache)
+        return h.astype(q.dtype), normalize_cache(cache)
 
       h, cache = jax.lax.cond(jnp.any(has & ~done), shallow_last,
-                              lambda c: (jnp.zeros_like(q[:, :1]), c), _norm_cache(cache))
+                              lambda c: (jnp.zeros_like(q[:, :1]), c), normalize_cache(cache))
       chunk = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)
       chunk = jnp.where(((j == n[:, None]) & has[:, None])[..., None], h, chunk)
-      cache, target = self._deep(params, _norm_cache(cache), chunk, pos,
+      cache, target = self._deep(params, normalize_cache(cache), chunk, pos,
                                  live & (j <= n[:, None]),
                                  jnp.max(jnp.where(done, 0, n)) + 1)            # [B, K+1]
       ok = (drafts == target[:, :k]) & (j[:, :k] < n[:, None])
@@ -308,7 +304,7 @@ class ExitSpeculativeEngine:
       done = done | hit | (n_out >= max_new)
       return rnd + 1, cache, u, pos, n_out, done, out, stats
 
-    st = (zero, _norm_cache(cache), first, lengths.astype(jnp.int32),
+    st = (zero, normalize_cache(cache), first, lengths.astype(jnp.int32),
           jnp.ones((b,), jnp.int32), done, out, stats)
     rnd, _, _, _, n_out, _, out, stats = jax.lax.while_loop(cond, body, st)
     return out, n_out, rnd, stats
