@@ -34,6 +34,11 @@ import time
 
 from absl import app, flags
 
+# This checkout's package, whichever recursive_lm is installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from recursive_lm.kernels.roofline import (BandwidthProbe, kernel_compute_rate,  # noqa: E402,F401  pylint: disable=wrong-import-position
+                                         measure_bandwidth)
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Model to benchmark.")
 flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
@@ -63,70 +68,6 @@ flags.DEFINE_string("compile_cache", os.path.join(os.path.expanduser("~"), ".cac
 flags.DEFINE_string("out", "results", "Output folder.")
 flags.DEFINE_bool("amx_ab", True, "Where bf16/int8 panels run on AMX tiles, also time "
                   "them with AMX off (the AVX-512 path) in the same run, interleaved.")
-
-
-def measure_bandwidth(n_bytes: int = 1 << 30, reps: int = 7) -> dict:
-  """Read rate of a 1 GiB f32 array: the best of three readers (median of
-  ``reps`` each): numpy's sum, XLA's sum, and the native streaming kernel
-  (a 1-row panel matmul, which reads the array once, front to back, on all
-  threads; recursive_lm/kernels). The best one is the roofline's bandwidth."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from recursive_lm.kernels import native, panel_matmul
-
-  def rate(fn):
-    fn()
-    ts = []
-    for _ in range(reps):
-      t = time.perf_counter()
-      fn()
-      ts.append(time.perf_counter() - t)
-    return n_bytes / statistics.median(ts) / 1e9
-
-  a = np.ones(n_bytes // 4, np.float32)
-  out = {"numpy_sum_GBps": rate(a.sum)}
-  x = jnp.asarray(a)
-  del a
-  f = jax.jit(jnp.sum)
-  out["xla_sum_GBps"] = rate(lambda: f(x).block_until_ready())
-  if native.load():
-    w = x.reshape(-1, 512, 32)
-    row = jnp.ones((1, 512), jnp.float32)
-    g = jax.jit(lambda r, w: panel_matmul(r, w, w.shape[0] * 32, use_native=True))
-    out["native_stream_GBps"] = rate(lambda: g(row, w).block_until_ready())
-  out["bandwidth_GBps"] = max(out.values())
-  return out
-
-
-class BandwidthProbe:
-  """A quick read-rate measurement taken right before every timed run: this
-  machine's memory bandwidth drifts by 20-50% over minutes (other tenants),
-  so each run is set against the bandwidth of its own moment."""
-
-  def __init__(self, n_bytes: int = 1 << 30):
-    import jax
-    import jax.numpy as jnp
-    from recursive_lm.kernels import native, panel_matmul
-    self.n_bytes = n_bytes
-    x = jnp.ones((n_bytes // 4,), jnp.float32)
-    s = jax.jit(jnp.sum)
-    self.readers = [lambda: s(x).block_until_ready()]
-    if native.load():
-      w, row = x.reshape(-1, 512, 32), jnp.ones((1, 512), jnp.float32)
-      g = jax.jit(lambda r, w: panel_matmul(r, w, w.shape[0] * 32, use_native=True))
-      self.readers.append(lambda: g(row, w).block_until_ready())
-    self()
-
-  def __call__(self, reps: int = 3) -> float:
-    """Best read rate (GB/s) of ``reps`` reads by each reader."""
-    best = 0.0
-    for read in self.readers:
-      for _ in range(reps):
-        t = time.perf_counter()
-        read()
-        best = max(best, self.n_bytes / (time.perf_counter() - t) / 1e9)
-    return best
 
 
 def engine_names() -> list[str]:
@@ -160,47 +101,6 @@ def streamed_weights(params) -> int:
     if getattr(path[-1], "key", None) == "kernel":
       n += x.size
   return int(n)
-
-
-def kernel_compute_rate(weights: str, batch: int, k: int = 576, n: int = 1024,
-                        calls: int = 64, reps: int = 5) -> float | None:
-  """The compute limit of the native panel kernel: weights multiplied per
-  second (by ``batch`` rows each) on a [k, n] matrix that stays in the L2
-  caches (1.2 MB in f32, split across the cores), so memory does not limit it;
-  best of ``reps`` timings of ``calls`` chained calls, on every core. It runs
-  the path the engine takes at this batch (``native.panel_path``: AMX tiles
-  where they are on). None without the native kernels."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from recursive_lm.kernels import native
-  from recursive_lm.kernels import panel as P
-  if not native.load():
-    return None
-  w = jnp.asarray(np.random.default_rng(0).standard_normal((k, n), np.float32) * 0.02)
-  scale = None
-  if weights == "bf16":
-    wp = P.to_bf16_panels(w)
-  elif weights == "int8":
-    wp, scale = P.to_int8_panels(w)
-  else:
-    wp = P.to_panels(w)
-
-  @jax.jit
-  def chain(x):
-    def body(_, x):
-      y = P.panel_matmul(x, wp, n, use_native=True, scale=scale)
-      return x + 1e-30 * y[:, :k]
-    return jax.lax.fori_loop(0, calls, body, x)
-
-  x = jnp.ones((batch, k), jnp.float32)
-  chain(x).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    t = time.perf_counter()
-    chain(x).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return calls * k * n / best
 
 
 def prompts_for(batch: int) -> list[list[int]]:

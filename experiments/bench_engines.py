@@ -32,7 +32,15 @@ K/V projections), FREE's deep catch-up passes (the deep layers once per pass)
 and speculation's draft + verify passes. ``of_ideal`` = ratio / ideal;
 ``saving_realised`` = (ratio - 1) / (ideal - 1) where the ideal saves >= 2%.
 An ideal from FLOPs (matmul rows, incl. FREE's and speculation's wider deep
-chunks) is listed too: at batch 32 on 2 cores the model is compute-bound.
+chunks) is listed too, and the **roofline ideal**, which ``of_ideal`` uses:
+each phase of the decode (a step's layers, a deep pass, a draft or verify
+pass) takes ``max(bytes / BW, FLOPs / P(rows))``, with BW this machine's memory
+read bandwidth (``kernels.roofline.measure_bandwidth``, measured before and
+after each batch's timed runs, mean) and P(rows) the native kernel's compute
+rate at that phase's matmul rows (``kernels.roofline.kernel_compute_rate``:
+batch rows for a step, batch x chunk width for FREE's deep pass, batch x
+(draft_len + 1) for verification); ideal = T(full depth) / T(policy). FREE's
+deep passes use the mean chunk width of the run (exact at 0% and 100%).
 
 Writes ``<out>/bench_engines.{json,md}``. Run under ``flock -x`` (nothing else
 running): absolute figures mean nothing across machines, the ratios do.
@@ -49,6 +57,9 @@ import time
 from typing import Callable
 
 from absl import app, flags
+
+# This checkout's package, whichever recursive_lm is installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "results", "Output folder.")
@@ -72,8 +83,8 @@ flags.DEFINE_string("compile_cache", "/tmp/rlm_bench_engines_jax_cache",
                     "--compile_only under a shared lock, then time under flock -x.")
 flags.DEFINE_bool("compile_only", False, "Build and warm up every engine, time nothing.")
 flags.DEFINE_bool("merge", False, "Merge into the existing <out>/bench_engines.json: rows "
-                  "of the (model, batch) pairs run now replace the stored ones, the rest "
-                  "stay (split a long grid into runs of < 8 min each).")
+                  "of the (model, batch, policy family) triples run now replace the stored "
+                  "ones, the rest stay (split a long grid into runs of < 8 min each).")
 
 F32 = 4
 
@@ -186,7 +197,7 @@ class Case:
   measure: str
   rate: float | None
   run: Callable[[], tuple[float, dict]]       # -> (decode seconds, counters)
-  cost: Callable[[dict], tuple[float, float]]  # counters -> (bytes, flops) of the decode
+  cost: Callable[[dict], list]  # counters -> phases [(bytes, flops, matmul rows)] of the decode
   times: list = dataclasses.field(default_factory=list)
   counters: dict = dataclasses.field(default_factory=dict)
 
@@ -219,7 +230,7 @@ def family_full(ctx: Ctx) -> list[Case]:
     by, fl = c.layers(0, L, b)
     hb, hf = c.head(b)
     n = _decode_steps(ctx)
-    return n * (by + hb), n * (fl + hf)
+    return [(n * (by + hb), n * (fl + hf), b)]
 
   run()
   return [Case("full", "full depth", "-", None, run, cost)]
@@ -261,15 +272,17 @@ def family_free(ctx: Ctx) -> list[Case]:
       def cost(cn, needs_logits=needs_logits):
         n = _decode_steps(ctx)
         by, fl = c.layers(0, e, b)
-        by, fl = by * n, fl * n
         hb, hf = c.head(b)
+        shallow = (n * (by + hb), n * (fl + hf), b)   # shallow layers + one head per token
         deep = cn["deep_passes"]
+        if not deep:
+          return [shallow]
         db, _ = c.layers(e, L, b)
         _, dfl = c.layers(e, L, 1)
-        by += deep * db                          # deep layers once per pass
-        fl += dfl * cn["deep_query_rows"]        # every chunk row computed
-        heads = (n + deep) if needs_logits else n
-        return by + heads * hb, fl + heads * hf
+        rows = cn["deep_query_rows"]             # every chunk row computed
+        dh = (hb, hf) if needs_logits else (0.0, 0.0)  # softmax: the deep head too
+        return [shallow, (deep * (db + dh[0]), dfl * rows + deep * dh[1],
+                          max(1, round(rows / deep)))]
 
       run()
       cases.append(Case("free", "FREE", conf, rate, run, cost))
@@ -301,15 +314,14 @@ def family_calm(ctx: Ctx) -> list[Case]:
                                   "exit_fraction": o.exit_fraction}
 
       def cost(cn, needs_logits=needs_logits):
-        by = fl = 0.0
+        phases = []  # one per step: layers up to the deepest row's exit, heads, KV fills
         for hi, lo in zip(cn["max_exit"], cn["min_exit"]):
           lb, lf = c.layers(0, exits[hi], b)
           hb, hf = c.head(b)
           heads = hi + 1 if needs_logits else 1
           fill = sum(c.kv_proj_bytes[exits[lo]:L]) if lo < len(exits) - 1 else 0.0
-          by += lb + heads * hb + fill
-          fl += lf + heads * hf
-        return by, fl
+          phases.append((lb + heads * hb + fill, lf + heads * hf + fill / F32 * 2 * b, b))
+        return phases
 
       run()
       cases.append(Case("calm", "CALM", conf, rate, run, cost))
@@ -337,9 +349,9 @@ def family_spec(ctx: Ctx) -> list[Case]:
       db, df = c.layers(0, e, b)
       hb, hf = c.head(b)
       vb, vf = c.layers(e, L, b, d + 1)
-      by = r * (d * (db + hb) + db + vb + hb)
-      fl = r * (d * (df + hf) + df + vf + hf * (d + 1))
-      return by, fl
+      draft = (r * (d * (db + hb) + db), r * (d * (df + hf) + df), b)
+      verify = (r * (vb + hb), r * (vf + hf * (d + 1)), b * (d + 1))
+      return [draft, verify]
 
     run()
     cases.append(Case("spec", f"self-spec d={d}", "greedy", rate, run, cost))
@@ -354,6 +366,41 @@ FAMILIES: dict[str, Callable[[Ctx], list[Case]]] = {
 def register_family(name: str, builder: Callable[[Ctx], list[Case]]) -> None:
   """Adds a policy family (e.g. loop-wise serving) to the benchmark."""
   FAMILIES[name] = builder
+
+
+# ----------------------------------------------------------------------------
+# Roofline.
+# ----------------------------------------------------------------------------
+class Roofline:
+  """Time of a list of phases [(bytes, flops, matmul rows)]: the sum of
+  ``max(bytes / BW, flops / P(rows))``; P(rows) = 2 * rows * the native f32
+  kernel's rate at that many rows (``kernel_compute_rate``, measured once per
+  row count). Without the native kernels only the bandwidth term counts."""
+
+  def __init__(self, bandwidth_gbps: float):
+    self.bw = bandwidth_gbps * 1e9
+    self.rates: dict[int, float | None] = {}
+
+  def flop_rate(self, rows: int) -> float | None:
+    from recursive_lm.kernels.roofline import kernel_compute_rate
+    rows = int(rows)
+    if rows not in self.rates:
+      r = None if FLAGS.quick else kernel_compute_rate("f32", rows)
+      self.rates[rows] = None if r is None else 2.0 * rows * r
+    return self.rates[rows]
+
+  def time(self, phases) -> float:
+    t = 0.0
+    for by, fl, rows in phases:
+      p = self.flop_rate(rows)
+      t += max(by / self.bw, fl / p if p else 0.0)
+    return t
+
+
+def bandwidth_gbps() -> float:
+  from recursive_lm.kernels.roofline import measure_bandwidth
+  n = (1 << 24) if FLAGS.quick else (1 << 29)
+  return measure_bandwidth(n_bytes=n, reps=3)["bandwidth_GBps"]
 
 
 # ----------------------------------------------------------------------------
@@ -375,6 +422,7 @@ def bench_batch(model: Model, batch: int, layout: dict, families) -> list[dict]:
   print(f"  [{model.name} b{batch}] compiled in {time.perf_counter() - t0:.0f}s", flush=True)
   if FLAGS.compile_only:
     return []
+  bws = [bandwidth_gbps()]
   for _ in range(FLAGS.repeats):
     for _, cases in groups:
       sec, cn = full.run()
@@ -384,25 +432,35 @@ def bench_batch(model: Model, batch: int, layout: dict, families) -> list[dict]:
         sec, cn = case.run()
         case.times.append(sec)
         case.counters = cn
+  bws.append(bandwidth_gbps())
+  roof = Roofline(statistics.mean(bws))
   tokens = batch * (n_new - 1)
   t_full = statistics.median(full.times)
-  fb, ff = full.cost(full.counters)
+  total = lambda ph: (sum(p[0] for p in ph), sum(p[1] for p in ph))
+  full_ph = full.cost(full.counters)
+  (fb, ff), fr = total(full_ph), roof.time(full_ph)
   rows = []
   for case in [full] + [c for _, cs in groups for c in cs]:
     t = statistics.median(case.times)
-    by, fl = case.cost(case.counters)
+    ph = case.cost(case.counters)
+    (by, fl), tr = total(ph), roof.time(ph)
     ratio = t_full / t
-    ideal = fb / by
+    ideal = fr / tr
     row = {"model": model.name, "batch": batch, "family": case.family,
            "policy": case.policy, "measure": case.measure, "rate": case.rate,
-           "tokens_per_s": tokens / t, "ratio": ratio, "ideal_bytes": ideal,
-           "ideal_flops": ff / fl, "of_ideal": ratio / ideal,
+           "tokens_per_s": tokens / t, "ratio": ratio, "ideal_bytes": fb / by,
+           "ideal_flops": ff / fl, "ideal_roofline": ideal, "of_ideal": ratio / ideal,
+           "of_byte_ideal": ratio * by / fb,
            "saving_realised": ((ratio - 1) / (ideal - 1)) if ideal > 1.02 else None,
+           "roofline_s": tr, "bandwidth_GBps": bws,
+           "flop_rate_GFLOPs": {str(k): (v or 0) / 1e9 for k, v in roof.rates.items()},
            "runs_s": case.times, "counters": case.counters}
     rows.append(row)
     print(f"  {case.policy:14s} {case.measure:12s} rate={case.rate} "
-          f"{row['tokens_per_s']:8.1f} tok/s  x{ratio:.2f}  ideal x{ideal:.2f}  "
-          f"of ideal {row['of_ideal']:.2f}", flush=True)
+          f"{row['tokens_per_s']:8.1f} tok/s  x{ratio:.2f}  ideal x{ideal:.2f} (bytes "
+          f"x{fb / by:.2f}, FLOPs x{ff / fl:.2f})  of ideal {row['of_ideal']:.2f}", flush=True)
+  print(f"  bandwidth {bws} GB/s; FLOP rate by rows "
+        f"{ {k: round((v or 0) / 1e9) for k, v in roof.rates.items()} } GFLOP/s", flush=True)
   return rows
 
 
@@ -410,24 +468,35 @@ def to_markdown(rows, meta, runs=None) -> str:
   runs = runs or [meta]
   cmds = [f"* `{u['command']}` ({u['date']})" for u in runs]
   out = [f"# Forced-exit benchmark ({meta['date']})", "",
-         "Commands (each run times its (model, batch) pairs; `--merge` joins them):", "",
+         "Commands (each run times its (model, batch, policy family) rows; `--merge` joins them"
+         + ("; rows with no roofline ideal come from runs before it existed (their of "
+            "ideal is of the byte ideal)" if any("ideal_roofline" not in r for r in rows)
+            else "") + "):", "",
          *cmds, "",
          f"Machine: {meta['machine']}; layout {meta['layout']}; {meta['new_tokens']} new "
-         f"tokens, {meta['prompt_len']}-token prompts, median of {meta['repeats']} "
-         "interleaved runs. ratio = tokens/s over the full-depth policy of the same "
-         "model and batch in the same process; ideal = the same ratio from the bytes "
-         "each token needs (weights of layers run, heads, KV reads and fills, deep "
-         "catch-up passes); of ideal = ratio / ideal; saving = (ratio - 1) / "
-         "(ideal - 1).", "",
+         f"tokens, {meta['prompt_len']}-token prompts, median of the interleaved runs "
+         "(repeats per command). ratio = tokens/s over the full-depth policy of the "
+         "same model and batch in the same process (the full-depth row shown is the "
+         "newest run's); the ideals are the same ratio from what each token really "
+         "needs (weights of the layers run, heads, KV reads and fills, deep catch-up "
+         "passes, draft + verify passes): from the bytes alone, from the FLOPs alone, "
+         "and the **roofline** (each phase max(bytes / bandwidth, FLOPs / the native "
+         "kernel's compute rate at that phase's matmul rows), bandwidth and compute "
+         "rate measured in the same run). **of ideal = ratio / roofline ideal**; of "
+         "bytes = ratio / byte ideal; saving = (ratio - 1) / (roofline ideal - 1).", "",
          "| model | batch | policy | measure | exit rate | tok/s | ratio | ideal (bytes) "
-         "| ideal (FLOPs) | of ideal | saving realised |",
-         "|---|---|---|---|---|---|---|---|---|---|---|"]
+         "| ideal (FLOPs) | ideal (roofline) | of ideal | of bytes | saving realised |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     sav = "-" if r["saving_realised"] is None else f"{r['saving_realised']:.2f}"
     rate = "-" if r["rate"] is None else f"{100 * r['rate']:.0f}%"
+    roof = r.get("ideal_roofline")
+    roof_s = "-" if roof is None else f"{roof:.2f}x"
+    of_b = r.get("of_byte_ideal", r["ratio"] / r["ideal_bytes"])
     out.append(f"| {r['model']} | {r['batch']} | {r['policy']} | {r['measure']} | {rate} "
                f"| {r['tokens_per_s']:.1f} | {r['ratio']:.2f}x | {r['ideal_bytes']:.2f}x "
-               f"| {r['ideal_flops']:.2f}x | {r['of_ideal']:.2f} | {sav} |")
+               f"| {r['ideal_flops']:.2f}x | {roof_s} | {r['of_ideal']:.2f} | {of_b:.2f} "
+               f"| {sav} |")
   return "\n".join(out) + "\n"
 
 
@@ -457,9 +526,12 @@ def main(_):
           "repeats": FLAGS.repeats}
   if FLAGS.compile_only:
     return
+  for r in rows:
+    r["run"] = meta["date"]
   os.makedirs(FLAGS.out, exist_ok=True)
   stem = os.path.join(FLAGS.out, "bench_engines" + (f"_{FLAGS.tag}" if FLAGS.tag else ""))
-  runs = [dict(meta, models=list(FLAGS.models), batches=[int(b) for b in FLAGS.batches])]
+  runs = [dict(meta, models=list(FLAGS.models), batches=[int(b) for b in FLAGS.batches],
+               policies=families)]
   if FLAGS.merge and os.path.exists(stem + ".json"):
     rows, runs = merge_rows(stem + ".json", rows, runs)
   with open(stem + ".json", "w") as f:
@@ -474,18 +546,19 @@ _FAMILY_ORDER = {"full": 0, "free": 1, "calm": 2, "spec": 3}
 
 
 def merge_rows(path: str, new_rows: list, new_runs: list) -> tuple[list, list]:
-  """Stored rows of other (model, batch) pairs + the new rows, in table order;
-  the runs that still contribute a row, then the new run."""
+  """Stored rows of other (model, batch, policy family) triples + the new rows,
+  in table order (the full-depth row of a pair is the newest run's: each row's
+  ratio is to the full depth of its own run); the runs that still contribute a
+  row, then the new run."""
   with open(path) as f:
     old = json.load(f)
-  done = {(r["model"], r["batch"]) for r in new_rows}
-  kept = [r for r in old.get("rows", []) if (r["model"], r["batch"]) not in done]
+  done = {(r["model"], r["batch"], r["family"]) for r in new_rows}
+  kept = [r for r in old.get("rows", []) if (r["model"], r["batch"], r["family"]) not in done]
   rows = kept + new_rows
   rows.sort(key=lambda r: (_MODEL_ORDER.get(r["model"], 9), r["model"], r["batch"],
                            _FAMILY_ORDER.get(r["family"], 9)))  # stable within a family
-  left = {(r["model"], r["batch"]) for r in kept}
-  runs = [u for u in old.get("runs", [old.get("meta", {})])
-          if any((m, b) in left for m in u.get("models", []) for b in u.get("batches", []))]
+  left = {r.get("run") for r in kept}  # the date of the run that made each row
+  runs = [u for u in old.get("runs", [old.get("meta", {})]) if u.get("date") in left]
   return rows, runs + new_runs
 
 

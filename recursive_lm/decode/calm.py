@@ -52,6 +52,7 @@ from recursive_lm.nn import unrolled as D
 from recursive_lm.decode.exit_rule import ExitRule
 from recursive_lm.decode.inplace import select_branch, when
 from recursive_lm.nn import layers as L
+from recursive_lm.nn.cache import KVCache, as_kv_cache
 from recursive_lm.nn.model import cache_length
 
 Array = jax.Array
@@ -69,17 +70,16 @@ class CalmSpec:
   oracle: str | None = None
 
 
-def _copy_first_loop(cache, k: int, n: int, pos: Array, slots: Array):
+def _copy_first_loop(cache, k: int, n: int, pos: Array, slots: Array) -> KVCache:
   """Block layer k, loop n <- loop 0's K/V of the same token (per-row slots)."""
-  ck, cv = cache["block"][k]
-  s = ck.shape[3]  # [N, B, Hkv, S, Dh]
+  cache = as_kv_cache(cache)
+  ck, cv = cache.block[k]  # [N, B, Hkv, S, Dh]
+  s = ck.shape[3]
   rows = jnp.arange(ck.shape[1])
   src = jnp.clip(pos, 0, s - 1)
-  new = {g: list(v) for g, v in cache.items()}
-  new["block"][k] = (
+  return cache.with_layer("block", k, (
       ck.at[n].set(L.scatter_kv(ck[n], ck[0, rows, :, src][:, None], slots)),
-      cv.at[n].set(L.scatter_kv(cv[n], cv[0, rows, :, src][:, None], slots)))
-  return new
+      cv.at[n].set(L.scatter_kv(cv[n], cv[0, rows, :, src][:, None], slots))))
 
 
 def fill_skipped(cfg: ModelConfig, params, kv: str, start: int, end: int, h: Array,
@@ -119,7 +119,8 @@ def calm_step(cfg: ModelConfig, params, spec: CalmSpec, rule: ExitRule, cache,
 
   With a head-free measure the LM head runs once, after the segment loop, on
   each row's exit state; a softmax measure reads it at every checked exit.
-  Skipped-layer KV is filled only when some row has exited (``lax.cond``).
+  Skipped-layer KV is filled only when some row has exited (``inplace.when``,
+  with the exit state as an operand so that nothing of the fill runs otherwise).
   """
   if spec.oracle is not None:
     return _oracle_step(cfg, params, spec, rule, cache, tok, pos, active, thr, forced)
@@ -152,9 +153,11 @@ def calm_step(cfg: ModelConfig, params, spec: CalmSpec, rule: ExitRule, cache,
       if i > 0:  # rows decided at an earlier exit: this segment's KV from their state
         # (before the segment runs: the rows are disjoint, and a write after the
         # segment's attention read the same buffer would make XLA copy it)
-        fill = lambda c: fill_skipped(cfg, params, spec.kv, starts[i], exits[i], h, pos, c,
-                                      jnp.where(dec, pos, s)[:, None], exit_layer)
-        cache = when(jnp.any(dec), fill, cache)
+        # (h by operand: a closed-over h lets XLA hoist the K/V projections out of
+        # the 0/1-trip loop, so they would run every step, taken or not)
+        fill = lambda c, h_: fill_skipped(cfg, params, spec.kv, starts[i], exits[i], h_, pos,
+                                          c, jnp.where(dec, pos, s)[:, None], exit_layer)
+        cache = when(jnp.any(dec), fill, cache, (h,))
       h_new, cache = D.run_layers(cfg, params, starts[i], exits[i], h, pos[:, None], cache,
                                   jnp.where(und, pos, s)[:, None])
       h = jnp.where(und[:, None, None], h_new, h)
@@ -195,10 +198,10 @@ def calm_step(cfg: ModelConfig, params, spec: CalmSpec, rule: ExitRule, cache,
   slots = jnp.where(active, pos, s)[:, None]
 
   def tail(j):  # segments [j, n) were not run
-    return lambda cache: fill_skipped(cfg, params, spec.kv, exits[j - 1], exits[-1], h, pos,
-                                      cache, slots, exit_layer)
+    return lambda cache, h_: fill_skipped(cfg, params, spec.kv, exits[j - 1], exits[-1], h_,
+                                          pos, cache, slots, exit_layer)
 
-  cache = select_branch(seg - 1, [tail(j) for j in range(1, n)], cache)
+  cache = select_branch(seg - 1, [tail(j) for j in range(1, n)], cache, (h,))
   filled = jnp.sum(jnp.where(active, cfg.plan.effective_depth - exit_layer, 0))
   stats = {"kv_filled_layers": filled.astype(jnp.int32)}
   return sel, idx, confs, cache, state, stats

@@ -188,27 +188,31 @@ def free_step(cfg: ModelConfig, params, spec: FreeSpec, rule: ExitRule, cache,
   need = jnp.any(want_deep | (active & full))
 
   def go_deep(width):
-    def run(carry):
+    def run(carry, pending_h, h_cur):
       _, cache, bmm = carry
-      h_d, lg, cache, bmm = deep_pass(cfg, params, spec, cache, st._replace(bmm=bmm), h_e,
+      h_d, lg, cache, bmm = deep_pass(cfg, params, spec, cache,
+                                      st._replace(bmm=bmm, pending_h=pending_h), h_cur,
                                       conf, arg, pos, active, width,
                                       want_logits=shallow_head)
       return ((h_d, lg) if shallow_head else h_d), cache, bmm
     return run
 
   # The deep pass runs in place on the cache (``inplace``: 0/1-trip loops; a
-  # lax.cond/switch would copy the deep layers' cache every step).
+  # lax.cond/switch would copy the deep layers' cache every step). The chunk's
+  # states go in as operands: closed over, XLA would hoist the first deep
+  # layer's projections out of the loop and run them every step.
   z = jnp.zeros_like(h_e)
   carry = ((z, jnp.zeros_like(logits_s)) if shallow_head else z), cache, st.bmm
   widths = spec.widths
+  ops = (st.pending_h, h_e)
   if len(widths) == 1:
-    deep, cache, bmm = when(need, go_deep(widths[0]), carry)
+    deep, cache, bmm = when(need, go_deep(widths[0]), carry, ops)
     width = jnp.where(need, widths[0], 0)
   else:
     longest = jnp.max(jnp.where(active, plen + 1, 1))
     bucket = jnp.searchsorted(jnp.asarray(widths, jnp.int32), longest)
     branch = jnp.where(need, bucket, -1)
-    deep, cache, bmm = select_branch(branch, [go_deep(w) for w in widths], carry)
+    deep, cache, bmm = select_branch(branch, [go_deep(w) for w in widths], carry, ops)
     width = jnp.where(need, jnp.asarray(widths, jnp.int32)[jnp.clip(bucket, 0, len(widths) - 1)], 0)
   emit_deep = want_deep & need
   if shallow_head:

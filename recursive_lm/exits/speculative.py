@@ -218,17 +218,18 @@ class ExitSpeculativeEngine:
     widths = sorted({min(2 ** i, w) for i in range(w.bit_length() + 1)})
 
     def branch(wd):
-      def f(cache):
-        c, t = self._deep_width(params, cache, chunk[:, :wd], pos, valid[:, :wd])
+      def f(carry, chunk, valid):
+        c, t = self._deep_width(params, carry[0], chunk[:, :wd], pos, valid[:, :wd])
         return c, jnp.pad(t, ((0, 0), (0, w - wd)), constant_values=-1)
       return f
 
     idx = jnp.searchsorted(jnp.asarray(widths, jnp.int32), rows.astype(jnp.int32))
     idx = jnp.clip(idx, 0, len(widths) - 1)
-    # The branch's tokens ride in the carry: a copy-free switch (decode/inplace.py).
+    # A copy-free switch (decode/inplace.py): the branch's tokens ride in the
+    # carry, and its inputs are operands so that no projection is hoisted.
     placeholder = jnp.full(chunk.shape[:2], -1, jnp.int32)
-    return select_branch(idx, [lambda c, f=branch(wd): f(c[0]) for wd in widths],
-                         (normalize_cache(cache), placeholder))
+    return select_branch(idx, [branch(wd) for wd in widths],
+                         (normalize_cache(cache), placeholder), (chunk, valid))
 
   def _round(self, params, ex, cache, u, pos, done, tau):
     """One draft + check round. Returns (cache, drafts [B,K], a [B] accepted,
@@ -247,14 +248,15 @@ class ExitSpeculativeEngine:
       last = jnp.take_along_axis(drafts, jnp.maximum(n - 1, 0)[:, None], axis=1)   # x_n
       p = (pos + n)[:, None]
 
-      def shallow_last(cache):
+      def shallow_last(carry, last):
+        cache = carry[1]
         h = D.embed(cfg, params, last)
         h, cache = D.run_layers(cfg, params, 0, e, h, p, cache,
                                 jnp.where(live & has[:, None], p, s))
         return h.astype(q.dtype), normalize_cache(cache)
 
-      h, cache = when(jnp.any(has & ~done), lambda c: shallow_last(c[1]),
-                      (jnp.zeros_like(q[:, :1]), normalize_cache(cache)))
+      h, cache = when(jnp.any(has & ~done), shallow_last,
+                      (jnp.zeros_like(q[:, :1]), normalize_cache(cache)), (last,))
       chunk = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)
       chunk = jnp.where(((j == n[:, None]) & has[:, None])[..., None], h, chunk)
       cache, target = self._deep(params, normalize_cache(cache), chunk, pos,
