@@ -6,8 +6,8 @@ r"""Config of experiments/train_exits.py: exit modules for the frozen embedded S
 
 Budget (the shipped artifact): ~41k corpus tokens + 128 self-generated
 continuations of 96 tokens, features at 8 exit layers, raw + least squares at 8 layers, 2
-module kinds x 5 layers trained for ``steps`` steps of ``batch`` tokens each; see notes/README_exits.md
-for the measured wall time.
+module kinds x 5 layers trained for ``steps`` steps of ``batch`` tokens each; the
+measured wall time is in the README section "Exit modules on the frozen SmolLM2".
 """
 import ml_collections
 

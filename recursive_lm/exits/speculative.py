@@ -338,7 +338,7 @@ class ExitSpeculativeEngine:
 
 
 # Settings used when the caller names none: the best measured configuration
-# of the shipped artifact (notes/README_exits.md: exit 6, 3 drafts, tau 0.5: 1.06x at batch 1,
+# of the shipped artifact (results/bench_exits.md: exit 6, 3 drafts, tau 0.5: 1.11x at batch 1,
 # below plain at batch 8); ``exits.info["recommended"]`` overrides.
 DEFAULTS = {"exit_layer": 6, "max_draft": 3, "tau": 0.5}
 
