@@ -52,7 +52,8 @@ flags.DEFINE_integer("chunk", 32, "Prefill chunk.")
 flags.DEFINE_integer("head_rows", 0, "Head rows of loop-wise serving (0: default).")
 flags.DEFINE_integer("repeats", 3, "Interleaved timed repeats (median).")
 flags.DEFINE_integer("seed", 0, "Depth and prompt seed.")
-flags.DEFINE_bool("append", False, "Add rows to an existing bench_serving.json.")
+flags.DEFINE_bool("append", False, "Add rows to an existing bench_serving.json (a row "
+                  "of the same model and depths replaces the earlier one).")
 flags.DEFINE_bool("quick", False, "Tiny random models, tiny sizes (tests).")
 flags.DEFINE_bool("markdown_only", False, "Rewrite bench_serving.md from the JSON "
                   "(after runs split over several processes with --append).")
@@ -189,7 +190,9 @@ def main(_):
              "loopwise_utilization": a.utilization, "lockstep_utilization": b.utilization,
              "head_rows": servers["loop-wise"].head_rows,
              "runs_s": {k: [o.seconds for o in v] for k, v in outs.items()}}
-      res["rows"].append(row)
+      # A rerun of a (model, depths) row replaces the earlier one.
+      res["rows"] = [r for r in res["rows"]
+                     if (r["model"], r["scenario"]) != (name, scenario)] + [row]
       print({k: v for k, v in row.items() if k != "runs_s"}, flush=True)
       with open(path, "w") as f:
         json.dump(res, f, indent=1)
