@@ -264,19 +264,30 @@ def trim_rows(out: np.ndarray, n_out: np.ndarray, stop_at_eos: bool,
   return rows
 
 
-class FullDepth:
-  """Policy: every token through the whole model (``Transformer`` in cache
-  mode); with ``mor_depth`` the MoR threshold routing and a per-token record
-  of the recursions the fed token went through."""
+class Policy:
+  """Defaults of the policy protocol ``decode_loop`` drives: no policy state,
+  no per-token records, no counters. A policy overrides ``step`` (and any of
+  these); ``max_emit`` is the most tokens a row emits per step."""
   max_emit = 1
   stat_names = ()
-
-  def __init__(self, model: Transformer, pad_id: int, mor_depth: bool = False):
-    self.model, self.pad_id, self.mor = model, pad_id, mor_depth
 
   def init(self, batch):
     del batch
     return ()
+
+  def records(self):
+    return {}
+
+  def step(self, params, cache, st: "DecodeState", ctx: "StepCtx") -> "StepOut":
+    raise NotImplementedError
+
+
+class FullDepth(Policy):
+  """Policy: every token through the whole model (``Transformer`` in cache
+  mode); with ``mor_depth`` the MoR threshold routing and a per-token record
+  of the recursions the fed token went through."""
+  def __init__(self, model: Transformer, pad_id: int, mor_depth: bool = False):
+    self.model, self.pad_id, self.mor = model, pad_id, mor_depth
 
   def records(self):
     return {"depth": Record(0, offset=-1)} if self.mor else {}

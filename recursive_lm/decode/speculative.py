@@ -45,7 +45,7 @@ import numpy as np
 
 from recursive_lm.config import ModelConfig
 from recursive_lm.nn import unrolled as D
-from recursive_lm.decode.engine import (DecodeState, GenerateOutput, StepCtx, StepOut,
+from recursive_lm.decode.engine import (DecodeState, GenerateOutput, Policy, StepCtx, StepOut,
                                         decode_loop, prefill_step, prepare, token_ids)
 from recursive_lm.decode.sampling import SamplingConfig, argmax, sample
 from recursive_lm.nn.cache import cache_length, normalize_cache
@@ -124,7 +124,7 @@ def resolve_draft_layers(cfg: ModelConfig, draft_layers: int | None,
   return int(draft_layers)
 
 
-class SelfSpeculativeEngine:
+class SelfSpeculativeEngine(Policy):
   """Batched self-speculative generation for one model and parameter set.
 
   Args:
@@ -225,13 +225,6 @@ class SelfSpeculativeEngine:
   # -- the policy (decode_loop) -----------------------------------------------
   max_emit = property(lambda self: self.draft_len + 1)
   stat_names = ("drafted", "accepted", "row_rounds")
-
-  def init(self, batch):
-    del batch
-    return ()
-
-  def records(self):
-    return {}
 
   def step(self, params, cache, st: DecodeState, ctx: StepCtx) -> StepOut:
     """One round: draft d tokens, verify them in one deep pass, accept a

@@ -45,7 +45,7 @@ import numpy as np
 
 from recursive_lm.config import ModelConfig
 from recursive_lm.decode import depth as D
-from recursive_lm.decode.engine import (DecodeState, GenerateOutput, StepCtx, StepOut,
+from recursive_lm.decode.engine import (DecodeState, GenerateOutput, Policy, StepCtx, StepOut,
                                         decode_loop, prefill_step, prepare, token_ids,
                                         trim_rows)
 from recursive_lm.decode.inplace import select_branch, when
@@ -81,7 +81,7 @@ class ExitDecodeOutput(GenerateOutput):
     return (self.new_tokens - len(self.tokens)) / max(self.row_rounds, 1)
 
 
-class ExitSpeculativeEngine:
+class ExitSpeculativeEngine(Policy):
   """Drafts with layers [0, E) + exit module + shortlist head; see module docstring.
 
   Args:
@@ -279,13 +279,6 @@ class ExitSpeculativeEngine:
   max_emit = property(lambda self: self.max_draft + 1)
   stat_names = ("drafted", "accepted", "agree", "row_rounds")
 
-  def init(self, batch):
-    del batch
-    return ()
-
-  def records(self):
-    return {}
-
   def step(self, params, cache, st: DecodeState, ctx: StepCtx) -> StepOut:
     """One round: draft while confident, check in one deep pass, emit the
     accepted drafts + the full model's token. ``params`` = (model params, exit
@@ -338,7 +331,7 @@ class ExitSpeculativeEngine:
 
 
 # Settings used when the caller names none: the best measured configuration
-# of the shipped artifact (results/bench_exits.md: exit 6, 3 drafts, tau 0.5: 1.11x at batch 1,
+# of the shipped artifact (results/bench_exits.md: exit 6, 3 drafts, tau 0.5: 0.99-1.11x at batch 1,
 # below plain at batch 8); ``exits.info["recommended"]`` overrides.
 DEFAULTS = {"exit_layer": 6, "max_draft": 3, "tau": 0.5}
 
