@@ -317,37 +317,26 @@ inline void ConfigureTiles(int a, int b) {
 }
 
 // Rows [r0, r0 + a + b) of one panel: xa bf16 activations [M, Kp] (Kp =
-// ceil(K / 32) * 32, zero padded), wp paired bf16 panel with `steps` full
-// 32-input steps readable in place and, when tail != nullptr, one more step
-// read from tail (16 x 64 values, zero padded). y gets the f32 sums.
-template <bool Two>
-inline void AmxRowBlocks(const uint16_t* xa, int64_t Kp, const uint16_t* wp, int64_t steps,
-                         const uint16_t* tail, float* y, int64_t N, int64_t a) {
+// ceil(K / 32) * 32, zero padded); step(s) gives the B-tile data (16 pair
+// rows x 64 values, row stride 128 bytes) of the panel's 32-input step s, for
+// s = 0, 1, ..., steps - 1 in order. y gets the f32 sums.
+template <bool Two, typename Step>
+inline void AmxRowBlocks(const uint16_t* xa, int64_t Kp, int64_t steps, Step& step,
+                         float* y, int64_t N, int64_t a) {
   _tile_zero(0);
   _tile_zero(1);
   if (Two) { _tile_zero(2); _tile_zero(3); }
   const int64_t xs = Kp * 2;  // activation row stride in bytes
   const uint16_t* xb = xa + a * Kp;
   for (int64_t s = 0; s < steps; ++s) {
+    const uint16_t* ws = step(s);
     _tile_loadd(4, xa + s * 32, xs);
-    _tile_loadd(6, wp + s * 32 * kPanel, 128);
-    _tile_loadd(7, wp + s * 32 * kPanel + 16 * 2, 128);
+    _tile_loadd(6, ws, 128);
+    _tile_loadd(7, ws + 16 * 2, 128);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
     if (Two) {
       _tile_loadd(5, xb + s * 32, xs);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-  }
-  if (tail) {
-    _tile_loadd(4, xa + steps * 32, xs);
-    _tile_loadd(6, tail, 128);
-    _tile_loadd(7, tail + 32, 128);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    if (Two) {
-      _tile_loadd(5, xb + steps * 32, xs);
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
@@ -362,8 +351,10 @@ inline void AmxRowBlocks(const uint16_t* xa, int64_t Kp, const uint16_t* wp, int
 
 // Walks the row blocks of one panel: pairs of 16-row blocks, then the rest;
 // the configuration is reloaded only when the block shape changes (*shape).
-inline void AmxPanel(const uint16_t* xa, int64_t M, int64_t Kp, const uint16_t* wp,
-                     int64_t steps, const uint16_t* tail, float* yp, int64_t N, int* shape) {
+// Each row block reads the steps in order (see AmxRowBlocks).
+template <typename Step>
+inline void AmxPanel(const uint16_t* xa, int64_t M, int64_t Kp, int64_t steps, Step& step,
+                     float* yp, int64_t N, int* shape) {
   for (int64_t r0 = 0; r0 < M;) {
     const int64_t rest = M - r0;
     const int a = rest >= 16 ? 16 : (int)rest;
@@ -372,11 +363,20 @@ inline void AmxPanel(const uint16_t* xa, int64_t M, int64_t Kp, const uint16_t* 
       ConfigureTiles(a, b);
       *shape = a * 32 + b;
     }
-    if (b) AmxRowBlocks<true>(xa + r0 * Kp, Kp, wp, steps, tail, yp + r0 * N, N, a);
-    else AmxRowBlocks<false>(xa + r0 * Kp, Kp, wp, steps, tail, yp + r0 * N, N, a);
+    if (b) AmxRowBlocks<true>(xa + r0 * Kp, Kp, steps, step, yp + r0 * N, N, a);
+    else AmxRowBlocks<false>(xa + r0 * Kp, Kp, steps, step, yp + r0 * N, N, a);
     r0 += a + b;
   }
 }
+
+// The steps of a panel held in place (paired bf16): full steps from the
+// panel, then, when tail != nullptr, one more step from tail.
+struct InPlaceSteps {
+  const uint16_t* wp;
+  int64_t full;
+  const uint16_t* tail;
+  const uint16_t* operator()(int64_t s) const { return s < full ? wp + s * 32 * kPanel : tail; }
+};
 
 // Paired bf16 panels [P, K, 32] for panels [p0, p1).
 void AmxBf16Panels(const uint16_t* xa, int64_t M, int64_t K, const uint16_t* w,
@@ -396,7 +396,8 @@ void AmxBf16Panels(const uint16_t* xa, int64_t M, int64_t K, const uint16_t* w,
         for (int n = 0; n < kPanel; ++n) tail[pairs * 64 + 2 * n] = last[n];
       }
     }
-    AmxPanel(xa, M, Kp, wp, steps, has_tail ? tail : nullptr, y + p * kPanel, N, &shape);
+    InPlaceSteps in_place{wp, steps, has_tail ? tail : nullptr};
+    AmxPanel(xa, M, Kp, steps + has_tail, in_place, y + p * kPanel, N, &shape);
   }
   _tile_release();
 }
@@ -424,11 +425,26 @@ inline void WidenInt8Step(const int8_t* wp, int64_t K, int64_t k0, uint16_t* out
   }
 }
 
+// The steps of an int8 panel, widened to bf16 into a small ring of L1
+// buffers two steps ahead of the tile loads (so the stores have retired);
+// read in order once (one row block).
+struct WidenedSteps {
+  const int8_t* wp;
+  int64_t K, steps;
+  uint16_t (*ring)[16 * 64];
+  const uint16_t* operator()(int64_t s) {
+    if (s == 0)
+      for (int64_t t = 0; t < 2 && t < steps; ++t) WidenInt8Step(wp, K, 32 * t, ring[t]);
+    if (s + 2 < steps) WidenInt8Step(wp, K, 32 * (s + 2), ring[(s + 2) & 3]);
+    return ring[s & 3];
+  }
+};
+
 // int8 panels [P, K, 32] for panels [p0, p1), rows in one or two 16-row
-// blocks (M <= 32): each 32-input step of the panel is widened to bf16 into
-// a small ring of L1 buffers right before its tile multiply; the column
-// scales are applied to the sums. M > 32 (prefill): the whole panel is
-// widened once into a per-thread buffer and walked like a bf16 panel.
+// blocks (M <= 32): each 32-input step of the panel is widened to bf16 right
+// before its tile multiply (WidenedSteps); the column scales are applied to
+// the sums. M > 32 (prefill): the whole panel is widened once into a
+// per-thread buffer and walked like a bf16 panel.
 void AmxInt8Panels(const uint16_t* xa, int64_t M, int64_t K, const int8_t* w,
                    const float* scale, float* y, int64_t N, int64_t p0, int64_t p1) {
   const int64_t Kp = (K + 31) / 32 * 32, steps = Kp / 32;
@@ -442,40 +458,11 @@ void AmxInt8Panels(const uint16_t* xa, int64_t M, int64_t K, const int8_t* w,
       if ((int64_t)whole.size() < Kp * kPanel + 32) whole.resize(Kp * kPanel + 32);
       uint16_t* wb = (uint16_t*)(((uintptr_t)whole.data() + 63) & ~(uintptr_t)63);
       for (int64_t s = 0; s < steps; ++s) WidenInt8Step(wp, K, 32 * s, wb + s * 32 * kPanel);
-      AmxPanel(xa, M, Kp, wb, steps, nullptr, yp, N, &shape);
+      InPlaceSteps widened{wb, steps, nullptr};
+      AmxPanel(xa, M, Kp, steps, widened, yp, N, &shape);
     } else {
-      const int a = M >= 16 ? 16 : (int)M, b = M > 16 ? (int)M - 16 : 0;
-      if (shape != a * 32 + b) {
-        ConfigureTiles(a, b);
-        shape = a * 32 + b;
-      }
-      const int64_t xs = Kp * 2;
-      const uint16_t* xb = xa + a * Kp;
-      _tile_zero(0);
-      _tile_zero(1);
-      if (b) { _tile_zero(2); _tile_zero(3); }
-      // Widened two steps ahead of the tile loads, so the stores have retired.
-      for (int64_t s = 0; s < 2 && s < steps; ++s) WidenInt8Step(wp, K, 32 * s, ring[s]);
-      for (int64_t s = 0; s < steps; ++s) {
-        if (s + 2 < steps) WidenInt8Step(wp, K, 32 * (s + 2), ring[(s + 2) & 3]);
-        const uint16_t* buf = ring[s & 3];
-        _tile_loadd(4, xa + s * 32, xs);
-        _tile_loadd(6, buf, 128);
-        _tile_loadd(7, buf + 32, 128);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        if (b) {
-          _tile_loadd(5, xb + s * 32, xs);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
-        }
-      }
-      _tile_stored(0, yp, N * 4);
-      _tile_stored(1, yp + 16, N * 4);
-      if (b) {
-        _tile_stored(2, yp + a * N, N * 4);
-        _tile_stored(3, yp + a * N + 16, N * 4);
-      }
+      WidenedSteps widen{wp, K, steps, ring};
+      AmxPanel(xa, M, Kp, steps, widen, yp, N, &shape);
     }
     const __m512 s0 = _mm512_loadu_ps(scale + p * kPanel);
     const __m512 s1 = _mm512_loadu_ps(scale + p * kPanel + 16);
