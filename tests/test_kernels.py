@@ -90,7 +90,7 @@ def test_missing_compiler_falls_back_with_a_warning(tmp_path):
 def test_failed_build_leaves_no_library(tmp_path, monkeypatch):
   bad = tmp_path / "bad.cc"
   bad.write_text("this is not C++\n")
-  monkeypatch.setattr(native, "SOURCE", str(bad))
+  monkeypatch.setattr(native, "SOURCES", (str(bad),))
   monkeypatch.setenv("RECURSIVE_LM_CACHE", str(tmp_path / "cache"))
   with pytest.raises(RuntimeError, match="building bad.cc failed"):
     native.build()
@@ -160,3 +160,23 @@ def test_native_kernels_under_vmap():
   xs = rng.standard_normal((3, 2, 16)).astype(np.float32)
   got = jax.jit(jax.vmap(lambda x: panel_matmul(x, to_panels(jnp.asarray(w)), 40)))(xs)
   np.testing.assert_allclose(got, xs @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_library_cache_key_covers_every_kernel_source(tmp_path, monkeypatch):
+  here = os.path.dirname(native.__file__)
+  on_disk = {f for f in os.listdir(here) if f.endswith((".cc", ".h"))}
+  assert on_disk == {os.path.basename(f) for f in (*native.SOURCES, *native.HEADERS)}
+  copies = []
+  for src in (*native.SOURCES, *native.HEADERS):
+    dst = tmp_path / os.path.basename(src)
+    dst.write_bytes(open(src, "rb").read())
+    copies.append(str(dst))
+  n = len(native.SOURCES)
+  monkeypatch.setattr(native, "SOURCES", tuple(copies[:n]))
+  monkeypatch.setattr(native, "HEADERS", tuple(copies[n:]))
+  keys = {native.library_path("g++")}
+  for c in copies:  # editing any one file gives a new library name
+    with open(c, "a") as f:
+      f.write("\n// edited\n")
+    keys.add(native.library_path("g++"))
+  assert len(keys) == len(copies) + 1

@@ -33,7 +33,12 @@ import warnings
 
 import jax
 
-SOURCE = os.path.join(os.path.dirname(__file__), "cpu_kernels.cc")
+_HERE = os.path.dirname(__file__)
+# The C++ translation units compiled into the one library, and the headers they
+# include: the cache key hashes every one of them.
+SOURCES = tuple(os.path.join(_HERE, f) for f in
+                ("cpu_kernels.cc", "amx_panels.cc", "cache_attention.cc"))
+HEADERS = (os.path.join(_HERE, "kernels_common.h"),)
 # XLA FFI target name -> exported handler symbol.
 TARGETS = {"recursive_lm_panel_matmul": "RecursiveLmPanelMatmul",
            "recursive_lm_cache_attention": "RecursiveLmCacheAttention",
@@ -82,8 +87,9 @@ def _cpu_fingerprint() -> str:
 def library_path(compiler: str) -> str:
   import jaxlib  # pylint: disable=g-import-not-at-top
   h = hashlib.sha256()
-  with open(SOURCE, "rb") as f:
-    h.update(f.read())
+  for src in (*SOURCES, *HEADERS):
+    with open(src, "rb") as f:
+      h.update(os.path.basename(src).encode() + b"\0" + f.read())
   for part in (compiler, " ".join(_flags()), jaxlib.__version__, _cpu_fingerprint()):
     h.update(part.encode())
   return os.path.join(cache_dir(), f"cpu_kernels-{h.hexdigest()[:16]}.so")
@@ -111,10 +117,12 @@ def build(compiler: str | None = None) -> str:
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
   os.close(fd)
   try:
-    cmd = [compiler, *_flags(), "-I", jax.ffi.include_dir(), "-o", tmp, SOURCE]
+    cmd = [compiler, *_flags(), "-I", jax.ffi.include_dir(), "-I", _HERE, "-o", tmp,
+           *SOURCES]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-      raise RuntimeError(f"building {os.path.basename(SOURCE)} failed ({' '.join(cmd)}):\n"
+      names = ", ".join(os.path.basename(s) for s in SOURCES)
+      raise RuntimeError(f"building {names} failed ({' '.join(cmd)}):\n"
                          + proc.stderr[-2000:])
     os.replace(tmp, path)  # atomic: readers see no library or a whole one
   finally:
