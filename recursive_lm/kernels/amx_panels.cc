@@ -49,6 +49,22 @@ inline void ConfigureTiles(int a, int b) {
   _tile_loadconfig(&c);
 }
 
+// Software prefetch into L2 (prefetcht1) of the weight bytes [p + ahead,
+// p + ahead + n), issued a 32-input step before the tile loads of p. The tile
+// loads alone leave the stream at ~70% of a plain read's rate; 8 KiB ahead
+// into L2 brings 1- and 8-row AMX calls to about the plain read's rate, where
+// prefetchnta (the hint of the FMA paths' RLM_PREFETCH_BYTES) made them slower
+// (docs/weight_formats.md, "per-step costs"). The distance is read once per
+// call (RecursiveLmAmxPrefetch sets it; 0: none), so a benchmark can A/B it in
+// one process.
+std::atomic<int64_t> g_amx_prefetch_bytes{8192};
+
+inline void PrefetchL2(const void* p, int64_t ahead, int64_t n) {
+  if (ahead <= 0) return;
+  const char* c = (const char*)p + ahead;
+  for (int64_t i = 0; i < n; i += 64) _mm_prefetch(c + i, _MM_HINT_T1);
+}
+
 // Rows [r0, r0 + a + b) of one panel: xa bf16 activations [M, Kp] (Kp =
 // ceil(K / 32) * 32, zero padded); step(s) gives the B-tile data (16 pair
 // rows x 64 values, row stride 128 bytes) of the panel's 32-input step s, for
@@ -62,6 +78,7 @@ inline void AmxRowBlocks(const uint16_t* xa, int64_t Kp, int64_t steps, Step& st
   const int64_t xs = Kp * 2;  // activation row stride in bytes
   const uint16_t* xb = xa + a * Kp;
   for (int64_t s = 0; s < steps; ++s) {
+    step.Prefetch(s);
     const uint16_t* ws = step(s);
     _tile_loadd(4, xa + s * 32, xs);
     _tile_loadd(6, ws, 128);
@@ -108,13 +125,18 @@ struct InPlaceSteps {
   const uint16_t* wp;
   int64_t full;
   const uint16_t* tail;
+  int64_t ahead;  // prefetch distance in bytes
   const uint16_t* operator()(int64_t s) const { return s < full ? wp + s * 32 * kPanel : tail; }
+  // The bytes one step (2 KiB) further on in the weight stream (past the
+  // panel's end: the next panel's, which follows it in memory).
+  void Prefetch(int64_t s) const { PrefetchL2(wp + s * 32 * kPanel, ahead, 32 * kPanel * 2); }
 };
 
 // Paired bf16 panels [P, K, 32] for panels [p0, p1).
 void AmxBf16Panels(const uint16_t* xa, int64_t M, int64_t K, const uint16_t* w,
                    float* y, int64_t N, int64_t p0, int64_t p1) {
   const int64_t Kp = (K + 31) / 32 * 32, steps = K / 32;
+  const int64_t ahead = g_amx_prefetch_bytes.load(std::memory_order_relaxed);
   alignas(64) uint16_t tail[16 * 64];
   int shape = -1;
   for (int64_t p = p0; p < p1; ++p) {
@@ -129,7 +151,7 @@ void AmxBf16Panels(const uint16_t* xa, int64_t M, int64_t K, const uint16_t* w,
         for (int n = 0; n < kPanel; ++n) tail[pairs * 64 + 2 * n] = last[n];
       }
     }
-    InPlaceSteps in_place{wp, steps, has_tail ? tail : nullptr};
+    InPlaceSteps in_place{wp, steps, has_tail ? tail : nullptr, ahead};
     AmxPanel(xa, M, Kp, steps + has_tail, in_place, y + p * kPanel, N, &shape);
   }
   _tile_release();
@@ -165,12 +187,14 @@ struct WidenedSteps {
   const int8_t* wp;
   int64_t K, steps;
   uint16_t (*ring)[16 * 64];
+  int64_t ahead;  // prefetch distance in bytes
   const uint16_t* operator()(int64_t s) {
     if (s == 0)
       for (int64_t t = 0; t < 2 && t < steps; ++t) WidenInt8Step(wp, K, 32 * t, ring[t]);
     if (s + 2 < steps) WidenInt8Step(wp, K, 32 * (s + 2), ring[(s + 2) & 3]);
     return ring[s & 3];
   }
+  void Prefetch(int64_t s) const { PrefetchL2(wp + 32 * s * kPanel, ahead, 32 * kPanel); }
 };
 
 // int8 panels [P, K, 32] for panels [p0, p1), rows in one or two 16-row
@@ -181,6 +205,7 @@ struct WidenedSteps {
 void AmxInt8Panels(const uint16_t* xa, int64_t M, int64_t K, const int8_t* w,
                    const float* scale, float* y, int64_t N, int64_t p0, int64_t p1) {
   const int64_t Kp = (K + 31) / 32 * 32, steps = Kp / 32;
+  const int64_t ahead = g_amx_prefetch_bytes.load(std::memory_order_relaxed);
   alignas(64) uint16_t ring[4][16 * 64];
   thread_local std::vector<uint16_t> whole;
   int shape = -1;
@@ -191,10 +216,10 @@ void AmxInt8Panels(const uint16_t* xa, int64_t M, int64_t K, const int8_t* w,
       if ((int64_t)whole.size() < Kp * kPanel + 32) whole.resize(Kp * kPanel + 32);
       uint16_t* wb = (uint16_t*)(((uintptr_t)whole.data() + 63) & ~(uintptr_t)63);
       for (int64_t s = 0; s < steps; ++s) WidenInt8Step(wp, K, 32 * s, wb + s * 32 * kPanel);
-      InPlaceSteps widened{wb, steps, nullptr};
+      InPlaceSteps widened{wb, steps, nullptr, 0};  // L1/L2-resident copy
       AmxPanel(xa, M, Kp, steps, widened, yp, N, &shape);
     } else {
-      WidenedSteps widen{wp, K, steps, ring};
+      WidenedSteps widen{wp, K, steps, ring, ahead};
       AmxPanel(xa, M, Kp, steps, widen, yp, N, &shape);
     }
     const __m512 s0 = _mm512_loadu_ps(scale + p * kPanel);
@@ -261,5 +286,16 @@ extern "C" int RecursiveLmAmxInit(int64_t bf16_min_rows, int64_t int8_min_rows) 
   (void)bf16_min_rows;
   (void)int8_min_rows;
   return 0;
+#endif
+}
+
+// Sets the AMX paths' software prefetch distance in bytes (0: none) for later
+// calls; returns the previous one (-1 without AMX code).
+extern "C" int64_t RecursiveLmAmxPrefetch(int64_t bytes) {
+#if RLM_HAVE_AMX
+  return rlm::g_amx_prefetch_bytes.exchange(bytes < 0 ? 0 : bytes);
+#else
+  (void)bytes;
+  return -1;
 #endif
 }

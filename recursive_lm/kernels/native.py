@@ -52,12 +52,13 @@ EXTRA_FLAGS_ENV = "RECURSIVE_LM_KERNEL_FLAGS"
 
 
 # Row counts from which bf16 / int8 panels use AMX tiles (0: never). bf16:
-# the crossover measured on Emerald Rapids (1 row: AMX 20.0 vs vdpbf16ps 20.6
-# GB/s, 2 rows: 21.8 vs 14.5, 8 rows: 19.1 vs 9.5; docs/weight_formats.md).
+# every row count: on Emerald Rapids with the tile path's L2 prefetch, 1 row
+# streams faster on AMX than with vdpbf16ps (and 2-8 rows ~2x faster;
+# docs/weight_formats.md).
 # int8: off, its AMX path (each panel widened to bf16 in L1, activations
 # rounded to bf16) measured no faster than the f32 FMAs (8 rows: 7.6 vs 7.9
 # GB/s). RLM_AMX_MIN_ROWS=N sets both (int8 too), RLM_AMX=0 turns AMX off.
-AMX_MIN_ROWS = {"bf16": 2, "int8": 0}
+AMX_MIN_ROWS = {"bf16": 1, "int8": 0}
 AMX_ENV = "RLM_AMX"
 AMX_MIN_ROWS_ENV = "RLM_AMX_MIN_ROWS"
 
@@ -183,6 +184,18 @@ def set_amx(enabled: bool) -> bool:
   with _lock:
     _set_amx_locked(enabled)
   return amx()
+
+
+def set_amx_prefetch(nbytes: int) -> int:
+  """Sets how far ahead (bytes) the AMX paths prefetch the weight stream into
+  L2 (0: no software prefetch; the default is the library's, 8 KiB) for later
+  calls; returns the previous distance (-1 without AMX code or kernels)."""
+  if not load():
+    return -1
+  lib = _state["lib"]
+  lib.RecursiveLmAmxPrefetch.argtypes = [ctypes.c_int64]
+  lib.RecursiveLmAmxPrefetch.restype = ctypes.c_int64
+  return int(lib.RecursiveLmAmxPrefetch(int(nbytes)))
 
 
 def amx() -> bool:
