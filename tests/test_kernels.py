@@ -132,10 +132,23 @@ def _generate_args(eng, prompts):
 
 
 @needs_compiler
+@pytest.mark.parametrize("grouped", [True, False])
 @pytest.mark.parametrize("b,t,hkv,g,s,d", [(1, 1, 3, 3, 40, 64), (8, 1, 2, 2, 33, 24),
-                                            (2, 5, 1, 4, 17, 8), (3, 2, 2, 1, 64, 16)])
-def test_native_cache_attention_matches_xla(b, t, hkv, g, s, d):
-  """Holes in the mask, a row with no visible slot, large scores, odd head sizes."""
+                                            (2, 5, 1, 4, 17, 8), (3, 2, 2, 1, 64, 16),
+                                            (2, 1, 2, 4, 50, 128), (2, 2, 1, 2, 70, 32),
+                                            (1, 1, 2, 5, 20, 64)])
+def test_native_cache_attention_matches_xla(b, t, hkv, g, s, d, grouped):
+  """Holes in the mask, a row with no visible slot, large scores, odd head sizes;
+  the grouped kernel (all heads of a group at once) and the per-head one."""
+  assert native.load(), native.status()
+  was = native.set_grouped_attention(grouped)
+  try:
+    _check_cache_attention(b, t, hkv, g, s, d)
+  finally:
+    native.set_grouped_attention(was)
+
+
+def _check_cache_attention(b, t, hkv, g, s, d):
   from recursive_lm.kernels.attention import cache_attention
   from recursive_lm.nn.layers import _attend_flat
   rng = np.random.default_rng(b * 100 + s)

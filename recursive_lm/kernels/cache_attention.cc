@@ -102,10 +102,121 @@ void AttendOne(const float* q, const float* k, const float* v, const bool* mask,
   }
 }
 
+// Sum of the 16 lanes (a shuffle tree with AVX-512).
+inline float HSum(v16 a) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps((__m512)a);
+#else
+  float s = 0.f;
+  for (int l = 0; l < 16; ++l) s += a[l];
+  return s;
+#endif
+}
+
+// AttendOne for all G query heads of a group at once (D == 16 * C, G <= 4):
+// each visible key and value row is loaded once for the G heads (AttendOne
+// reads them G times, from L2 once the rows outgrow L1) and a score's 16 lane
+// sums reduce by a shuffle tree instead of 16 dependent scalar adds. The same
+// math in another summation order. At batch 8 the per-head version took
+// ~20% of a bf16 decode step (experiments/profile_decode.py, ffi_call
+// f32[24,3,64]; docs/weight_formats.md).
+template <int C, int G>
+void AttendGroup(const float* q, const float* k, const float* v, const bool* mask,
+                 float* out, int64_t S, int64_t D, int64_t, float scale,
+                 std::vector<float>& probs) {
+  int64_t last = S;
+  while (last > 0 && !mask[last - 1]) --last;
+  const bool none = last == 0;  // uniform over all S slots, as in AttendOne
+  if (none) last = S;
+  const int64_t L = (last + 15) / 16 * 16;
+  probs.assign(G * L, 0.f);
+  float* pr = probs.data();
+  v16 qv[G][C];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) qv[g][c] = *(const v16u*)(q + g * D + 16 * c);
+  float mx[G];
+  for (int g = 0; g < G; ++g) mx[g] = none ? 0.f : -INFINITY;
+  if (!none) {
+    for (int64_t j = 0; j < last; ++j) {
+      if (!mask[j]) {
+        for (int g = 0; g < G; ++g) pr[g * L + j] = -INFINITY;
+        continue;
+      }
+      v16 kj[C];
+      for (int c = 0; c < C; ++c) kj[c] = *(const v16u*)(k + j * D + 16 * c);
+      for (int g = 0; g < G; ++g) {
+        v16 acc = qv[g][0] * kj[0];
+        for (int c = 1; c < C; ++c) acc += qv[g][c] * kj[c];
+        const float s = HSum(acc) * scale;
+        pr[g * L + j] = s;
+        mx[g] = s > mx[g] ? s : mx[g];
+      }
+    }
+  }
+  float inv[G];
+  for (int g = 0; g < G; ++g) {
+    float* pg = pr + g * L;
+    for (int64_t j = last; j < L; ++j) pg[j] = -INFINITY;
+    v16 tot = {};
+    for (int64_t j = 0; j < L; j += 16) {
+      const v16 e = ExpNonPositive(*(v16u*)(pg + j) - mx[g]);
+      *(v16u*)(pg + j) = e;
+      tot += e;
+    }
+    float total = 0.f;
+    for (int l = 0; l < 16; ++l) total += tot[l];
+    inv[g] = 1.f / total;
+  }
+  v16 acc[G][C];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) acc[g][c] = (v16){};
+  for (int64_t j = 0; j < last; ++j) {
+    bool any = false;
+    for (int g = 0; g < G; ++g) any |= pr[g * L + j] != 0.f;
+    if (!any) continue;  // masked (or underflowed) for every head: not read
+    v16 vj[C];
+    for (int c = 0; c < C; ++c) vj[c] = *(const v16u*)(v + j * D + 16 * c);
+    for (int g = 0; g < G; ++g) {
+      const float p = pr[g * L + j];
+      if (p == 0.f) continue;
+      for (int c = 0; c < C; ++c) acc[g][c] += p * vj[c];
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) *(v16u*)(out + g * D + 16 * c) = acc[g][c] * inv[g];
+}
+
+// 1: groups of up to 4 query heads with D in {16, 32, 64, 128} take
+// AttendGroup; 0: AttendOne always (RecursiveLmAttentionGrouped; for A/B
+// timings and tests).
+std::atomic<int> g_attention_grouped{1};
+
 using AttendFn = void (*)(const float*, const float*, const float*, const bool*, float*,
                           int64_t, int64_t, int64_t, float, std::vector<float>&);
 
-AttendFn AttendFor(int64_t D) {
+template <int C>
+AttendFn GroupFor(int64_t G) {
+  switch (G) {
+    case 1: return AttendGroup<C, 1>;
+    case 2: return AttendGroup<C, 2>;
+    case 3: return AttendGroup<C, 3>;
+    case 4: return AttendGroup<C, 4>;
+    default: return nullptr;
+  }
+}
+
+AttendFn AttendFor(int64_t D, int64_t G) {
+  if (g_attention_grouped.load(std::memory_order_relaxed)) {
+    AttendFn f = nullptr;
+    switch (D) {
+      case 16: f = GroupFor<1>(G); break;
+      case 32: f = GroupFor<2>(G); break;
+      case 64: f = GroupFor<4>(G); break;
+      case 128: f = GroupFor<8>(G); break;
+      default: break;
+    }
+    if (f) return f;
+  }
   switch (D) {
     case 16: return AttendOne<1>;
     case 32: return AttendOne<2>;
@@ -137,7 +248,7 @@ ffi::Error CacheAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   const float* vp = v.typed_data();
   const bool* mp = mask.typed_data();
   float* op = out->typed_data();
-  const AttendFn attend = AttendFor(D);
+  const AttendFn attend = AttendFor(D, G);
   ParallelFor(pool, N * T, 2, [=](int64_t i0, int64_t i1) {
     std::vector<float> probs;
     for (int64_t i = i0; i < i1; ++i) {
@@ -163,3 +274,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecursiveLmCacheAttention, rlm::CacheAttention,
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale"));
+
+// Turns the grouped attention kernel on (1) or off (0) for later calls;
+// returns the previous setting.
+extern "C" int RecursiveLmAttentionGrouped(int on) {
+  return rlm::g_attention_grouped.exchange(on ? 1 : 0);
+}

@@ -198,6 +198,15 @@ def set_amx_prefetch(nbytes: int) -> int:
   return int(lib.RecursiveLmAmxPrefetch(int(nbytes)))
 
 
+def set_grouped_attention(enabled: bool) -> bool:
+  """Cache attention: all query heads of a group at once (each K/V row read
+  once; the default) or one head at a time, for later calls; returns the
+  previous setting (False without the kernels)."""
+  if not load():
+    return False
+  return bool(_state["lib"].RecursiveLmAttentionGrouped(1 if enabled else 0))
+
+
 def amx() -> bool:
   """True when bf16/int8 panels of enough rows run on AMX tiles."""
   return load() and any(_state["amx_rows"].values())
