@@ -242,7 +242,8 @@ def status() -> str:
       "AVX-512 BF16 dot products" if _state.get("bf16_dot") else "widened to f32")
   if amx():
     r = _state["amx_rows"]
-    line += f"; AMX-BF16 tiles from {r['bf16']} rows" if r["bf16"] else "; AMX on"
+    line += (f"; AMX-BF16 tiles from {r['bf16']} row{'s' if r['bf16'] > 1 else ''}"
+             if r["bf16"] else "; AMX on")
     line += (f", int8 on AMX from {r['int8']} rows (activations rounded to bf16)"
              if r["int8"] else ", int8 panels not on AMX")
   else:
