@@ -413,3 +413,26 @@ def test_amx_prefetch_distance_does_not_change_results(rows):
   assert was == 8192
   np.testing.assert_allclose(ref, _bf16_round(x) @ _plain(wb, 1000), rtol=1e-4,
                              atol=1e-4 * np.sqrt(576))
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_int8_prefetch_distance_does_not_change_results(rows):
+  """The int8 FMA path's L2 prefetch only moves data: bit-identical results."""
+  assert native.load(), native.status()
+  rng = np.random.default_rng(rows)
+  x = rng.standard_normal((rows, 576)).astype(np.float32)
+  q, scale = P.to_int8_panels(rng.standard_normal((576, 1000)).astype(np.float32))
+  fq = jax.jit(lambda x, q, s: P.panel_matmul(x, q, 1000, use_native=True, scale=s))
+  was = native.set_int8_prefetch(0)
+  try:
+    ref = np.asarray(fq(x, q, scale))
+    for ahead in (64, 8192, 1 << 20):
+      native.set_int8_prefetch(ahead)
+      np.testing.assert_array_equal(np.asarray(fq(x, q, scale)), ref)
+  finally:
+    native.set_int8_prefetch(was)
+  assert was == 8192
+  if not native.panel_path("int8", rows).startswith("AMX"):
+    np.testing.assert_allclose(ref, x.astype(np.float64) @ _plain(q, 1000, scale), rtol=1e-4,
+                               atol=1e-4 * np.sqrt(576))

@@ -198,6 +198,18 @@ def set_amx_prefetch(nbytes: int) -> int:
   return int(lib.RecursiveLmAmxPrefetch(int(nbytes)))
 
 
+def set_int8_prefetch(nbytes: int) -> int:
+  """Sets how far ahead (bytes) the int8 FMA path prefetches the weight stream
+  into L2 (0: none; default 8 KiB) for later calls; returns the previous one
+  (-1 without the kernels)."""
+  if not load():
+    return -1
+  lib = _state["lib"]
+  lib.RecursiveLmInt8Prefetch.argtypes = [ctypes.c_int64]
+  lib.RecursiveLmInt8Prefetch.restype = ctypes.c_int64
+  return int(lib.RecursiveLmInt8Prefetch(int(nbytes)))
+
+
 def set_grouped_attention(enabled: bool) -> bool:
   """Cache attention: all query heads of a group at once (each K/V row read
   once; the default) or one head at a time, for later calls; returns the
