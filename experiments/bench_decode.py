@@ -68,6 +68,11 @@ flags.DEFINE_string("compile_cache", os.path.join(os.path.expanduser("~"), ".cac
 flags.DEFINE_string("out", "results", "Output folder.")
 flags.DEFINE_bool("amx_ab", True, "Where bf16/int8 panels run on AMX tiles, also time "
                   "them with AMX off (the AVX-512 path) in the same run, interleaved.")
+flags.DEFINE_bool("prefetch_ab", True, "Also time the panel engines whose kernels prefetch "
+                  "the weight stream into L2 (AMX tiles, int8 FMAs) with that prefetch off "
+                  "(native.set_amx_prefetch(0), set_int8_prefetch(0)), interleaved.")
+
+NO_PREFETCH = "without L2 prefetch)"
 
 
 def engine_names() -> list[str]:
@@ -200,6 +205,18 @@ def bench_engines(m, engines: dict, batch: int, probe: BandwidthProbe,
         native.set_amx(True)
       return o.decode_seconds / o.steps, o.prefill_seconds + o.decode_seconds
     runners[f"recursive_lm ({name}, AMX off)"] = run_off
+  prefetching = [n for n in engines if n.startswith("panel") and (
+      n in amx_off_engines(engines, batch) or n.endswith(":int8"))]
+  for name in prefetching if FLAGS.prefetch_ab else []:
+    def run_nopf(eng=engines[name]):
+      amx_ahead, int8_ahead = native.set_amx_prefetch(0), native.set_int8_prefetch(0)
+      try:
+        o = eng.generate(prompts, FLAGS.new_tokens, stop_at_eos=False)
+      finally:
+        native.set_amx_prefetch(max(amx_ahead, 0))
+        native.set_int8_prefetch(max(int8_ahead, 0))
+      return o.decode_seconds / o.steps, o.prefill_seconds + o.decode_seconds
+    runners[f"recursive_lm ({name}, {NO_PREFETCH}"] = run_nopf
   if llamacpp is not None:
     runners[llamacpp.version] = llamacpp.generate
   for run in runners.values():
@@ -226,6 +243,8 @@ def bench_engines(m, engines: dict, batch: int, probe: BandwidthProbe,
         native.set_amx(True)
       else:
         path = native.panel_path(fmt, batch)
+        if n.endswith(NO_PREFETCH):
+          path += " without L2 prefetch"
     out.append({"engine": n, "engine_name": eng_name, "weights": fmt, "kernel_path": path,
                 "amx_off": n.endswith("AMX off)"), "batch": batch,
                 "tokens_per_s": batch / s, "step_ms": s * 1e3,
@@ -439,7 +458,10 @@ def main(_):
            "'of limit' = tokens/s over the lower of the roofline and the compute limit. "
            "Kernel path: the math of the row's bf16/int8/f32 panel matmuls at that batch "
            "(`recursive_lm.kernels.native.panel_path`); 'AMX off' rows are the same engine "
-           "with the AMX path switched off (`native.set_amx(False)`), timed interleaved.",
+           "with the AMX path switched off (`native.set_amx(False)`), timed interleaved; "
+           "'without L2 prefetch' rows the same with the AMX and int8 paths' software "
+           "prefetch of the weight stream off (`native.set_amx_prefetch(0)`, "
+           "`native.set_int8_prefetch(0)`).",
            "", "| batch | engine | kernel path | MB per step | new tokens/s | roofline tokens/s "
            "| fraction | compute limit tokens/s | of limit | x llama.cpp | held-out ppl |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -2,6 +2,7 @@
 
     python experiments/profile_decode.py                       # batch 1, panel+fused
     python experiments/profile_decode.py --batch=8 --layout=in_out --top=25
+    python experiments/profile_decode.py --batch=8 --weights=bf16
 
 Runs the engine's compiled decode loop once under ``jax.profiler`` (a Perfetto
 trace of XLA:CPU's thunks), merges each op's events across threads into wall
@@ -26,6 +27,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Model to profile.")
 flags.DEFINE_integer("batch", 1, "Rows decoded together.")
 flags.DEFINE_string("layout", "panel+fused", "Engine kernel layout (as bench_decode).")
+flags.DEFINE_string("weights", "f32", "Weight format (f32 | bf16 | int8; panel layouts).")
 flags.DEFINE_integer("prompt_len", 32, "Prompt tokens.")
 flags.DEFINE_integer("new_tokens", 128, "New tokens (decode steps + 1).")
 flags.DEFINE_integer("top", 20, "Rows of the per-shape table.")
@@ -87,7 +89,7 @@ def main(_):
     cfg_params = (m.cfg, m.params)
   eng = Engine(cfg_params[0].replace(eos_id=None), cfg_params[1],
                kernel_layout=FLAGS.layout.split("+")[0],
-               fuse=FLAGS.layout.endswith("+fused"))
+               fuse=FLAGS.layout.endswith("+fused"), weights=FLAGS.weights)
   prompts = [[(17 * i + 3 * j) % 1000 + 100 for j in range(FLAGS.prompt_len)]
              for i in range(FLAGS.batch)]
   eng.generate(prompts, FLAGS.new_tokens, stop_at_eos=False)  # compile
@@ -123,7 +125,8 @@ def main(_):
   if FLAGS.out:
     os.makedirs(FLAGS.out, exist_ok=True)
     with open(os.path.join(FLAGS.out, "profile_decode.json"), "w") as f:
-      json.dump({"batch": FLAGS.batch, "layout": FLAGS.layout, "busy_ms_per_step": busy,
+      json.dump({"batch": FLAGS.batch, "layout": FLAGS.layout, "weights": FLAGS.weights,
+                 "busy_ms_per_step": busy,
                  "ops": [{"kind": k, "shape": sh, "ms_per_step": t, "calls_per_step": c}
                          for k, sh, t, c in rows]}, f, indent=1)
 

@@ -90,7 +90,7 @@ def test_missing_compiler_falls_back_with_a_warning(tmp_path):
 def test_failed_build_leaves_no_library(tmp_path, monkeypatch):
   bad = tmp_path / "bad.cc"
   bad.write_text("this is not C++\n")
-  monkeypatch.setattr(native, "SOURCE", str(bad))
+  monkeypatch.setattr(native, "SOURCES", (str(bad),))
   monkeypatch.setenv("RECURSIVE_LM_CACHE", str(tmp_path / "cache"))
   with pytest.raises(RuntimeError, match="building bad.cc failed"):
     native.build()
@@ -132,10 +132,23 @@ def _generate_args(eng, prompts):
 
 
 @needs_compiler
+@pytest.mark.parametrize("grouped", [True, False])
 @pytest.mark.parametrize("b,t,hkv,g,s,d", [(1, 1, 3, 3, 40, 64), (8, 1, 2, 2, 33, 24),
-                                            (2, 5, 1, 4, 17, 8), (3, 2, 2, 1, 64, 16)])
-def test_native_cache_attention_matches_xla(b, t, hkv, g, s, d):
-  """Holes in the mask, a row with no visible slot, large scores, odd head sizes."""
+                                            (2, 5, 1, 4, 17, 8), (3, 2, 2, 1, 64, 16),
+                                            (2, 1, 2, 4, 50, 128), (2, 2, 1, 2, 70, 32),
+                                            (1, 1, 2, 5, 20, 64)])
+def test_native_cache_attention_matches_xla(b, t, hkv, g, s, d, grouped):
+  """Holes in the mask, a row with no visible slot, large scores, odd head sizes;
+  the grouped kernel (all heads of a group at once) and the per-head one."""
+  assert native.load(), native.status()
+  was = native.set_grouped_attention(grouped)
+  try:
+    _check_cache_attention(b, t, hkv, g, s, d)
+  finally:
+    native.set_grouped_attention(was)
+
+
+def _check_cache_attention(b, t, hkv, g, s, d):
   from recursive_lm.kernels.attention import cache_attention
   from recursive_lm.nn.layers import _attend_flat
   rng = np.random.default_rng(b * 100 + s)
@@ -160,3 +173,23 @@ def test_native_kernels_under_vmap():
   xs = rng.standard_normal((3, 2, 16)).astype(np.float32)
   got = jax.jit(jax.vmap(lambda x: panel_matmul(x, to_panels(jnp.asarray(w)), 40)))(xs)
   np.testing.assert_allclose(got, xs @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_library_cache_key_covers_every_kernel_source(tmp_path, monkeypatch):
+  here = os.path.dirname(native.__file__)
+  on_disk = {f for f in os.listdir(here) if f.endswith((".cc", ".h"))}
+  assert on_disk == {os.path.basename(f) for f in (*native.SOURCES, *native.HEADERS)}
+  copies = []
+  for src in (*native.SOURCES, *native.HEADERS):
+    dst = tmp_path / os.path.basename(src)
+    dst.write_bytes(open(src, "rb").read())
+    copies.append(str(dst))
+  n = len(native.SOURCES)
+  monkeypatch.setattr(native, "SOURCES", tuple(copies[:n]))
+  monkeypatch.setattr(native, "HEADERS", tuple(copies[n:]))
+  keys = {native.library_path("g++")}
+  for c in copies:  # editing any one file gives a new library name
+    with open(c, "a") as f:
+      f.write("\n// edited\n")
+    keys.add(native.library_path("g++"))
+  assert len(keys) == len(copies) + 1

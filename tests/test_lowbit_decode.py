@@ -138,7 +138,7 @@ def test_amx_path_equals_the_avx512_path_and_says_so():
   assert native.set_amx(True)
   assert native.panel_path("bf16", 8) == "AMX-BF16 tiles"
   assert not native.panel_path("int8", 8).startswith("AMX")  # off by default
-  assert native.panel_path("bf16", 1) != "AMX-BF16 tiles"  # below the crossover
+  assert native.panel_path("bf16", 1) == "AMX-BF16 tiles"  # from 1 row (AMX_MIN_ROWS)
   assert "AMX-BF16 tiles from" in native.status()
   on = (np.asarray(fb(x)), np.asarray(fq(x)))
   assert not native.set_amx(False)
@@ -388,3 +388,51 @@ def test_embedded_model_bf16_greedy_matches_f32():
   got = Engine(cfg, m.params, kernel_layout="panel", fuse=True, weights="bf16").generate(
       prompts, 32, stop_at_eos=False).tokens
   assert got == want
+
+
+@needs_compiler
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 8, 20])
+def test_amx_prefetch_distance_does_not_change_results(rows):
+  """The AMX path's L2 software prefetch (past a panel's end, and past the
+  weights' end on the last panel) only moves data: results are bit-identical
+  with it off, at another distance, and from 1 row (the default path there)."""
+  assert native.amx() and native.amx_min_rows("bf16") == 1
+  rng = np.random.default_rng(rows)
+  x = rng.standard_normal((rows, 576)).astype(np.float32)
+  wb = P.to_bf16_panels(rng.standard_normal((576, 1000)).astype(np.float32))
+  fb = jax.jit(lambda x, w: P.panel_matmul(x, w, 1000, use_native=True))
+  was = native.set_amx_prefetch(0)
+  try:
+    ref = np.asarray(fb(x, wb))
+    for ahead in (64, 8192, 1 << 20):
+      native.set_amx_prefetch(ahead)
+      np.testing.assert_array_equal(np.asarray(fb(x, wb)), ref)
+  finally:
+    native.set_amx_prefetch(was)
+  assert was == 8192
+  np.testing.assert_allclose(ref, _bf16_round(x) @ _plain(wb, 1000), rtol=1e-4,
+                             atol=1e-4 * np.sqrt(576))
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_int8_prefetch_distance_does_not_change_results(rows):
+  """The int8 FMA path's L2 prefetch only moves data: bit-identical results."""
+  assert native.load(), native.status()
+  rng = np.random.default_rng(rows)
+  x = rng.standard_normal((rows, 576)).astype(np.float32)
+  q, scale = P.to_int8_panels(rng.standard_normal((576, 1000)).astype(np.float32))
+  fq = jax.jit(lambda x, q, s: P.panel_matmul(x, q, 1000, use_native=True, scale=s))
+  was = native.set_int8_prefetch(0)
+  try:
+    ref = np.asarray(fq(x, q, scale))
+    for ahead in (64, 8192, 1 << 20):
+      native.set_int8_prefetch(ahead)
+      np.testing.assert_array_equal(np.asarray(fq(x, q, scale)), ref)
+  finally:
+    native.set_int8_prefetch(was)
+  assert was == 8192
+  if not native.panel_path("int8", rows).startswith("AMX"):
+    np.testing.assert_allclose(ref, x.astype(np.float64) @ _plain(q, 1000, scale), rtol=1e-4,
+                               atol=1e-4 * np.sqrt(576))

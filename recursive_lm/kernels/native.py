@@ -33,7 +33,12 @@ import warnings
 
 import jax
 
-SOURCE = os.path.join(os.path.dirname(__file__), "cpu_kernels.cc")
+_HERE = os.path.dirname(__file__)
+# The C++ translation units compiled into the one library, and the headers they
+# include: the cache key hashes every one of them.
+SOURCES = tuple(os.path.join(_HERE, f) for f in
+                ("cpu_kernels.cc", "amx_panels.cc", "cache_attention.cc"))
+HEADERS = (os.path.join(_HERE, "kernels_common.h"),)
 # XLA FFI target name -> exported handler symbol.
 TARGETS = {"recursive_lm_panel_matmul": "RecursiveLmPanelMatmul",
            "recursive_lm_cache_attention": "RecursiveLmCacheAttention",
@@ -47,12 +52,13 @@ EXTRA_FLAGS_ENV = "RECURSIVE_LM_KERNEL_FLAGS"
 
 
 # Row counts from which bf16 / int8 panels use AMX tiles (0: never). bf16:
-# the crossover measured on Emerald Rapids (1 row: AMX 20.0 vs vdpbf16ps 20.6
-# GB/s, 2 rows: 21.8 vs 14.5, 8 rows: 19.1 vs 9.5; docs/weight_formats.md).
+# every row count: on Emerald Rapids with the tile path's L2 prefetch, 1 row
+# streams faster on AMX than with vdpbf16ps (and 2-8 rows ~2x faster;
+# docs/weight_formats.md).
 # int8: off, its AMX path (each panel widened to bf16 in L1, activations
 # rounded to bf16) measured no faster than the f32 FMAs (8 rows: 7.6 vs 7.9
 # GB/s). RLM_AMX_MIN_ROWS=N sets both (int8 too), RLM_AMX=0 turns AMX off.
-AMX_MIN_ROWS = {"bf16": 2, "int8": 0}
+AMX_MIN_ROWS = {"bf16": 1, "int8": 0}
 AMX_ENV = "RLM_AMX"
 AMX_MIN_ROWS_ENV = "RLM_AMX_MIN_ROWS"
 
@@ -82,8 +88,9 @@ def _cpu_fingerprint() -> str:
 def library_path(compiler: str) -> str:
   import jaxlib  # pylint: disable=g-import-not-at-top
   h = hashlib.sha256()
-  with open(SOURCE, "rb") as f:
-    h.update(f.read())
+  for src in (*SOURCES, *HEADERS):
+    with open(src, "rb") as f:
+      h.update(os.path.basename(src).encode() + b"\0" + f.read())
   for part in (compiler, " ".join(_flags()), jaxlib.__version__, _cpu_fingerprint()):
     h.update(part.encode())
   return os.path.join(cache_dir(), f"cpu_kernels-{h.hexdigest()[:16]}.so")
@@ -111,10 +118,12 @@ def build(compiler: str | None = None) -> str:
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
   os.close(fd)
   try:
-    cmd = [compiler, *_flags(), "-I", jax.ffi.include_dir(), "-o", tmp, SOURCE]
+    cmd = [compiler, *_flags(), "-I", jax.ffi.include_dir(), "-I", _HERE, "-o", tmp,
+           *SOURCES]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-      raise RuntimeError(f"building {os.path.basename(SOURCE)} failed ({' '.join(cmd)}):\n"
+      names = ", ".join(os.path.basename(s) for s in SOURCES)
+      raise RuntimeError(f"building {names} failed ({' '.join(cmd)}):\n"
                          + proc.stderr[-2000:])
     os.replace(tmp, path)  # atomic: readers see no library or a whole one
   finally:
@@ -177,6 +186,39 @@ def set_amx(enabled: bool) -> bool:
   return amx()
 
 
+def set_amx_prefetch(nbytes: int) -> int:
+  """Sets how far ahead (bytes) the AMX paths prefetch the weight stream into
+  L2 (0: no software prefetch; the default is the library's, 8 KiB) for later
+  calls; returns the previous distance (-1 without AMX code or kernels)."""
+  if not load():
+    return -1
+  lib = _state["lib"]
+  lib.RecursiveLmAmxPrefetch.argtypes = [ctypes.c_int64]
+  lib.RecursiveLmAmxPrefetch.restype = ctypes.c_int64
+  return int(lib.RecursiveLmAmxPrefetch(int(nbytes)))
+
+
+def set_int8_prefetch(nbytes: int) -> int:
+  """Sets how far ahead (bytes) the int8 FMA path prefetches the weight stream
+  into L2 (0: none; default 8 KiB) for later calls; returns the previous one
+  (-1 without the kernels)."""
+  if not load():
+    return -1
+  lib = _state["lib"]
+  lib.RecursiveLmInt8Prefetch.argtypes = [ctypes.c_int64]
+  lib.RecursiveLmInt8Prefetch.restype = ctypes.c_int64
+  return int(lib.RecursiveLmInt8Prefetch(int(nbytes)))
+
+
+def set_grouped_attention(enabled: bool) -> bool:
+  """Cache attention: all query heads of a group at once (each K/V row read
+  once; the default) or one head at a time, for later calls; returns the
+  previous setting (False without the kernels)."""
+  if not load():
+    return False
+  return bool(_state["lib"].RecursiveLmAttentionGrouped(1 if enabled else 0))
+
+
 def amx() -> bool:
   """True when bf16/int8 panels of enough rows run on AMX tiles."""
   return load() and any(_state["amx_rows"].values())
@@ -212,7 +254,8 @@ def status() -> str:
       "AVX-512 BF16 dot products" if _state.get("bf16_dot") else "widened to f32")
   if amx():
     r = _state["amx_rows"]
-    line += f"; AMX-BF16 tiles from {r['bf16']} rows" if r["bf16"] else "; AMX on"
+    line += (f"; AMX-BF16 tiles from {r['bf16']} row{'s' if r['bf16'] > 1 else ''}"
+             if r["bf16"] else "; AMX on")
     line += (f", int8 on AMX from {r['int8']} rows (activations rounded to bf16)"
              if r["int8"] else ", int8 panels not on AMX")
   else:
