@@ -110,6 +110,8 @@ class LoopwiseServer:
     stage_rows: rows of the refill stage (loop-wise; default P); 0 prefills
       refills in place in the slots (passes of ``prefill_rows``).
     kernel_layout, fuse: decode weight layout, as for ``Engine``.
+    compact_fill: the skipped-loop K/V fill projects only the rows that
+      skipped (static buckets of P/8); False: every head-bucket row, masked.
   """
 
   def __init__(self, cfg: ModelConfig, params, slots: int = 8, exit=None,
@@ -117,7 +119,8 @@ class LoopwiseServer:
                pad_id: int | None = None, prefill_chunk: int = 32,
                prefill_rows: Sequence[int] | None = None, head_rows: int | None = None,
                kernel_layout: str | None = None, fuse: bool = False, weights: str = "f32",
-               stage_rows: int | None = None, head_buckets: Sequence[int] | None = None):
+               stage_rows: int | None = None, head_buckets: Sequence[int] | None = None,
+               compact_fill: bool = True):
     check_recursive(cfg, "depth-wise batching" if not lockstep else
                     "the sequence-wise early-exit baseline")
     if slots < 1:
@@ -166,6 +169,12 @@ class LoopwiseServer:
                       range(step, self.head_rows + step, step))
     self.head_buckets = tuple(sorted({min(max(int(b), 1), self.head_rows)
                                       for b in head_buckets} | {self.head_rows}))
+    # The skipped-loop fill runs on the rows that skipped only, in the smallest
+    # of these static buckets that holds them (compact_fill=False: the whole
+    # head bucket, masked).
+    self.compact_fill = bool(compact_fill)
+    step = max(p // 8, 1)
+    self.fill_buckets = tuple(range(step, self.head_rows + step, step))
 
   def _fixed_depth(self) -> bool:
     if isinstance(self.exit, ForcedDepth):
@@ -186,7 +195,8 @@ class LoopwiseServer:
   def _static_key(self):
     return (type(self), self.cfg, self.slots, self.exit if not self._emit_now else
             self.exit.measure, self.lockstep, self.eos_id, self.pad_id, self.chunk,
-            self.prefill_rows, self.head_rows, self.stage_rows, self.head_buckets)
+            self.prefill_rows, self.head_rows, self.stage_rows, self.head_buckets,
+            self.compact_fill)
 
   def __hash__(self):
     return hash(self._static_key())
@@ -397,7 +407,18 @@ class LoopwiseServer:
     return st, cache
 
   def _refill_staged(self, params, st, cache, **static):
-    """Free slots take staged requests; an empty stage takes the next ones."""
+    """Free slots take staged requests; an empty stage takes the next ones.
+
+    When the stage is empty and every slot is free (the start of a stream, and
+    every refill when all requests finish together, e.g. one depth for every
+    token), the next P requests are prefilled in place in the pool, one pass
+    of P rows per chunk, as in lockstep: staging them would copy every cache
+    row from the stage into the pool (only with ``stage_rows == P``)."""
+    if self.stage_rows == self.slots:
+      direct = (~jnp.any(st["s_live"]) & jnp.all(st["phase"] == FREE)
+                & (st["head"] < st["n_req"]))
+      st = when(direct, self._admit, st)
+      st, cache = self._prefill(params, st, cache, **static)
     st, cache = self._admit_staged(st, cache)
     empty = ~jnp.any(st["s_live"]) & (st["head"] < st["n_req"])
     st = when(empty, lambda st: self._stage_fill(params, st, **static), st)
@@ -437,8 +458,9 @@ class LoopwiseServer:
                                      threshold)
     rows = jnp.arange(self.slots)
     cache = when(jnp.any(early),
-                 lambda c: B.fill_kv(cfg, params, c, rows, h, pos, loop + 1, early),
-                 _lists(cache))
+                 lambda c, h, pos, depth, early: B.fill_kv(cfg, params, c, rows, h, pos,
+                                                           depth, early),
+                 _lists(cache), (h, pos, loop + 1, early))
     emit = go & (last | early)
     st = dict(st, loop=jnp.where(go & ~emit, loop + 1, loop),
               head_calls=st["head_calls"] + 1)
@@ -484,6 +506,32 @@ class LoopwiseServer:
       st["parked"] = _put(st["parked"], ac, True)
     return st
 
+  def _fill_skipped(self, hr: int, params, cache, sel, h, pos, depth, skipped):
+    """K/V of the skipped loops (state copying) for the rows ``skipped`` [hr]
+    of the head bucket ``sel``. With ``compact_fill`` only the rows that
+    skipped are projected: gathered into the smallest static fill bucket that
+    holds them (multiples of P/8, 0/1-trip loops); else the whole head bucket,
+    masked. The inputs reach the fill as operands (``decode.inplace``), so no
+    projection is hoisted out of it to run when no row skipped."""
+    cfg = self.cfg
+    buckets = ([b for b in self.fill_buckets if b < hr] + [hr]) if self.compact_fill else [hr]
+    n = jnp.sum(skipped, dtype=jnp.int32)
+    pick = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), n).astype(jnp.int32)
+    pick = jnp.where(n > 0, pick, len(buckets))
+
+    def fill(b):
+      def fn(c, sel, h, pos, depth, skipped):
+        if b == hr:
+          return B.fill_kv(cfg, params, c, sel, h, pos, depth, skipped)
+        j = jnp.nonzero(skipped, size=b, fill_value=hr)[0].astype(jnp.int32)
+        ok = j < hr
+        j = jnp.minimum(j, hr - 1)
+        return B.fill_kv(cfg, params, c, sel[j], h[j], pos[j], depth[j], ok & skipped[j])
+      return fn
+
+    return select_branch(pick, [fill(b) for b in buckets], _lists(cache),
+                         (sel, h, pos, depth, skipped))
+
   def _head_step(self, hr: int, params, st, cache, max_new, sampling, stop_at_eos):
     """The head for up to ``hr`` waiting slots (rotating priority), with the
     K/V fill of the loops their tokens skipped."""
@@ -496,9 +544,7 @@ class LoopwiseServer:
     depth = st["loop"][sel] + 1
     if not self._feedback_depths:
       skipped = ok & (depth < cfg.plan.loops)
-      cache = when(jnp.any(skipped),
-                   lambda c: B.fill_kv(cfg, params, c, sel, h, st["pos"][sel], depth, ok),
-                   _lists(cache))
+      cache = self._fill_skipped(hr, params, cache, sel, h, st["pos"][sel], depth, skipped)
     else:
       depth = st["cnt"][sel]
     logits = D.head(cfg, params, h)
