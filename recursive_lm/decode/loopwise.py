@@ -174,7 +174,8 @@ class LoopwiseServer:
     # head bucket, masked).
     self.compact_fill = bool(compact_fill)
     step = max(p // 8, 1)
-    self.fill_buckets = tuple(range(step, self.head_rows + step, step))
+    self.fill_buckets = tuple(sorted({min(b, self.head_rows)
+                                      for b in range(step, self.head_rows + step, step)}))
 
   def _fixed_depth(self) -> bool:
     if isinstance(self.exit, ForcedDepth):
@@ -439,7 +440,7 @@ class LoopwiseServer:
     h0, cache = D.run_layers(cfg, params, 0, plan.prelude, h0, p1, cache,
                              jnp.where(fresh, pos, s)[:, None])
     h_in = jnp.where(fresh[:, None], h0[:, 0], st["h"])
-    h, blk = B.block_loop(cfg, params, loop, h_in, pos, cache["block"], go)
+    h, blk = self._block_loop(params, loop, h_in, pos, cache["block"], go)
     cache = _lists(cache).replace(block=blk)
     last = loop == n_loops - 1
     h_out = h
@@ -466,6 +467,10 @@ class LoopwiseServer:
               head_calls=st["head_calls"] + 1)
     return self._emit(st, emit, rows, logits, loop + 1, max_new, sampling,
                       stop_at_eos), cache
+
+  def _block_loop(self, params, loop, h, pos, block_cache, go):
+    """One loop of the shared block per row (a method: profiles replace it)."""
+    return B.block_loop(self.cfg, params, loop, h, pos, block_cache, go)
 
   # -- 4. emission -------------------------------------------------------------
   def _emit(self, st, sel_ok, sel, logits, depth, max_new, sampling, stop_at_eos):
@@ -506,50 +511,66 @@ class LoopwiseServer:
       st["parked"] = _put(st["parked"], ac, True)
     return st
 
-  def _fill_skipped(self, hr: int, params, cache, sel, h, pos, depth, skipped):
-    """K/V of the skipped loops (state copying) for the rows ``skipped`` [hr]
-    of the head bucket ``sel``. With ``compact_fill`` only the rows that
-    skipped are projected: gathered into the smallest static fill bucket that
-    holds them (multiples of P/8, 0/1-trip loops); else the whole head bucket,
-    masked. The inputs reach the fill as operands (``decode.inplace``), so no
-    projection is hoisted out of it to run when no row skipped."""
-    cfg = self.cfg
-    buckets = ([b for b in self.fill_buckets if b < hr] + [hr]) if self.compact_fill else [hr]
+  def _head_order(self, st):
+    """Slots in head priority: ready ones first, rotating with the iteration."""
+    p = self.slots
+    slots = jnp.arange(p, dtype=jnp.int32)
+    key = jnp.where(st["ready"], (slots - st["iters"]) % p, p + slots)
+    return jnp.argsort(key).astype(jnp.int32)
+
+  def _fill_served(self, params, st, cache, need):
+    """K/V of the skipped loops (state copying) for the tokens the head serves
+    this iteration (``need``) that stopped before the last loop: only those
+    rows are projected, gathered into the smallest static fill bucket that
+    holds them (multiples of P/8; 0/1-trip loops). The inputs reach the fill
+    as operands (``decode.inplace``), so no projection is hoisted out of it to
+    run when no row skipped."""
+    cfg, p = self.cfg, self.slots
+    order = self._head_order(st)
+    rank = jnp.zeros((p,), jnp.int32).at[order].set(jnp.arange(p, dtype=jnp.int32))
+    depth = st["loop"] + 1
+    skipped = need & st["ready"] & (rank < self.head_rows) & (depth < cfg.plan.loops)
+    buckets = self.fill_buckets
     n = jnp.sum(skipped, dtype=jnp.int32)
     pick = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), n).astype(jnp.int32)
     pick = jnp.where(n > 0, pick, len(buckets))
 
     def fill(b):
-      def fn(c, sel, h, pos, depth, skipped):
-        if b == hr:
-          return B.fill_kv(cfg, params, c, sel, h, pos, depth, skipped)
-        j = jnp.nonzero(skipped, size=b, fill_value=hr)[0].astype(jnp.int32)
-        ok = j < hr
-        j = jnp.minimum(j, hr - 1)
-        return B.fill_kv(cfg, params, c, sel[j], h[j], pos[j], depth[j], ok & skipped[j])
+      def fn(c, h, pos, depth, skipped):
+        j = jnp.nonzero(skipped, size=b, fill_value=p)[0].astype(jnp.int32)
+        ok = j < p
+        j = jnp.minimum(j, p - 1)
+        return B.fill_kv(cfg, params, c, j, h[j], pos[j], depth[j], ok & skipped[j])
       return fn
 
     return select_branch(pick, [fill(b) for b in buckets], _lists(cache),
-                         (sel, h, pos, depth, skipped))
+                         (st["h"], st["pos"], depth, skipped))
 
   def _head_step(self, hr: int, params, st, cache, max_new, sampling, stop_at_eos):
-    """The head for up to ``hr`` waiting slots (rotating priority), with the
-    K/V fill of the loops their tokens skipped."""
+    """The head for up to ``hr`` waiting slots (rotating priority); with
+    ``compact_fill=False`` also the K/V fill of the loops their tokens skipped
+    (masked over the bucket; else ``_fill_served`` ran before)."""
     cfg, p = self.cfg, self.slots
-    slots = jnp.arange(p, dtype=jnp.int32)
-    key = jnp.where(st["ready"], (slots - st["iters"]) % p, p + slots)
-    sel = jnp.argsort(key)[:hr].astype(jnp.int32)
+    sel = self._head_order(st)[:hr]
     ok = st["ready"][sel]
     h = st["h"][sel]
     depth = st["loop"][sel] + 1
     if not self._feedback_depths:
-      skipped = ok & (depth < cfg.plan.loops)
-      cache = self._fill_skipped(hr, params, cache, sel, h, st["pos"][sel], depth, skipped)
+      if not self.compact_fill:  # (else filled by _fill_served before the head)
+        skipped = ok & (depth < cfg.plan.loops)
+        cache = when(jnp.any(skipped),
+                     lambda c, sel, h, pos, depth, skipped: B.fill_kv(
+                         cfg, params, c, sel, h, pos, depth, skipped),
+                     _lists(cache), (sel, h, st["pos"][sel], depth, skipped))
     else:
       depth = st["cnt"][sel]
-    logits = D.head(cfg, params, h)
+    logits = self._head_logits(params, h)
     st = dict(st, head_calls=st["head_calls"] + 1)
     return self._emit(st, ok, sel, logits, depth, max_new, sampling, stop_at_eos), cache
+
+  def _head_logits(self, params, h):
+    """The LM head on the bucket's states (a method: profiles replace it)."""
+    return D.head(self.cfg, params, h)
 
   # -- the loop ------------------------------------------------------------------
   def _step(self, params, carry, threshold, max_new, sampling, stop_at_eos):
@@ -579,6 +600,8 @@ class LoopwiseServer:
       n_ready = jnp.minimum(jnp.sum(st["ready"], dtype=jnp.int32), self.head_rows)
       pick = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), n_ready).astype(jnp.int32)
       pick = jnp.where(need, pick, len(buckets))
+      if self.compact_fill and not self._feedback_depths:
+        cache = self._fill_served(params, st, cache, need)
       st, cache = select_branch(
           pick, [lambda a, b=b: self._head_step(b, params, *a, **static) for b in buckets],
           (st, _lists(cache)))
