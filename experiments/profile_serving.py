@@ -39,6 +39,8 @@ flags.DEFINE_integer("repeats", 2, "Interleaved timed repeats (median).")
 flags.DEFINE_list("servers", ["loop-wise", "lockstep"], "Servers to profile.")
 flags.DEFINE_list("variants", ["served", "no_fill", "no_head", "no_block", "no_prefill",
                                "none_of_them"], "Variants to run.")
+flags.DEFINE_list("lockstep_variants", ["served", "none_of_them"],
+                  "Variants of the lockstep server.")
 flags.DEFINE_string("lock", "/tmp/rlm_cpu.lock", "Lock file ('' : none).")
 flags.DEFINE_string("out", "results", "Folder for profile_serving.json.")
 
@@ -91,7 +93,7 @@ def main(_):
            "lockstep": LoopwiseServer(cfg, params, lockstep=True, **kw)}
   runs, outs = {}, {}
   for sname in FLAGS.servers:
-    for v in FLAGS.variants:
+    for v in (FLAGS.lockstep_variants if sname == "lockstep" else FLAGS.variants):
       srv = copy.copy(bases[sname])
       srv.__class__ = variant_class(LoopwiseServer, v)
       runs[(sname, v)] = srv
