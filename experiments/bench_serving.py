@@ -28,6 +28,7 @@ Greedy; both servers must emit identical tokens (checked).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import statistics
@@ -55,6 +56,9 @@ flags.DEFINE_integer("seed", 0, "Depth and prompt seed.")
 flags.DEFINE_bool("append", False, "Add rows to an existing bench_serving.json (a row "
                   "of the same model and depths replaces the earlier one).")
 flags.DEFINE_bool("quick", False, "Tiny random models, tiny sizes (tests).")
+flags.DEFINE_string("lock", "", "Lock file (e.g. /tmp/rlm_cpu.lock): the compile runs "
+                    "hold it shared, the timed runs exclusive (so only timing holds "
+                    "the machine); '' : no locking.")
 flags.DEFINE_bool("markdown_only", False, "Rewrite bench_serving.md from the JSON "
                   "(after runs split over several processes with --append).")
 
@@ -126,6 +130,10 @@ def main(_):
       f.write(markdown(res))
     print(markdown(res))
     return
+  # shared while loading and compiling, exclusive for the timed runs
+  lock_file = open(FLAGS.lock, "a+") if FLAGS.lock else None
+  lock = (lambda op: fcntl.flock(lock_file, op)) if lock_file else (lambda op: None)
+  lock(fcntl.LOCK_SH)
   import jax
   import numpy as np
   from recursive_lm.decode.loopwise import LoopwiseServer
@@ -163,9 +171,15 @@ def main(_):
         outs[k] = [run(s)]
         print(f"{name} {scenario} {k}: compiled + first run {time.perf_counter() - t0:.1f}s",
               flush=True)
+      lock(fcntl.LOCK_UN)
+      lock(fcntl.LOCK_EX)
+      t0 = time.perf_counter()
       for _ in range(FLAGS.repeats):
         for k, s in servers.items():
           outs[k].append(run(s))
+      lock(fcntl.LOCK_UN)
+      lock(fcntl.LOCK_SH)
+      print(f"timed runs (exclusive): {time.perf_counter() - t0:.0f}s", flush=True)
       tps = {k: statistics.median(o.tokens_per_second for o in v[1:] or v)
              for k, v in outs.items()}
       a, b = outs["loop-wise"][-1], outs["lockstep"][-1]
@@ -190,9 +204,10 @@ def main(_):
              "loopwise_utilization": a.utilization, "lockstep_utilization": b.utilization,
              "head_rows": servers["loop-wise"].head_rows,
              "runs_s": {k: [o.seconds for o in v] for k, v in outs.items()}}
-      # A rerun of a (model, depths) row replaces the earlier one.
-      res["rows"] = [r for r in res["rows"]
-                     if (r["model"], r["scenario"]) != (name, scenario)] + [row]
+      # A rerun of a (model, depths, stream) row replaces the earlier one.
+      key = lambda r: (r["model"], r["scenario"], r["slots"], r["prompt_len"],
+                       r["new_tokens"])
+      res["rows"] = [r for r in res["rows"] if key(r) != key(row)] + [row]
       print({k: v for k, v in row.items() if k != "runs_s"}, flush=True)
       with open(path, "w") as f:
         json.dump(res, f, indent=1)
@@ -212,8 +227,8 @@ def markdown(res):
             "at full depth), which both servers pay alike.", "",
             "| model | depths | slots | requests | prompt + new | loop-wise tok/s | lockstep tok/s | ratio "
             "| ideal (loops) | of ideal | ideal (FLOPs) | of FLOPs ideal | ideal (FLOPs + prefill) "
-            "| of it | block steps LW / LS | utilization LW / LS | mean loops | same tokens |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| of it | block steps LW / LS | utilization LW / LS | mean loops | same tokens | run |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in res["rows"]:
     probs = "/".join(f"{p:g}" for p in r["depth_probs"])
     lines.append(
@@ -225,7 +240,7 @@ def markdown(res):
         f"{r.get('fraction_of_flops_ideal_with_prefill', 0):.2f} | "
         f"{r['loopwise_steps']} / {r['lockstep_steps']} | "
         f"{r['loopwise_utilization']:.2f} / {r['lockstep_utilization']:.2f} | "
-        f"{r['mean_loops']:.2f} | {r['identical_tokens']} |")
+        f"{r['mean_loops']:.2f} | {r['identical_tokens']} | {r.get('date', '')} |")
   return "\n".join(lines) + "\n"
 
 

@@ -78,6 +78,10 @@ def test_forced_depths_loopwise_equals_lockstep(model):
     assert loops == [3] + [int(rule.depth(i, j)) for j in range(1, N_NEW)]
   assert a.steps < b.steps and a.utilization > b.utilization
   assert b.head_calls < a.head_calls  # lockstep: one head call per batch token
+  # the skipped-loop fill on the skipped rows only == masked over the head bucket
+  c = LoopwiseServer(cfg, params, slots=3, exit=rule, compact_fill=False).generate(
+      PROMPTS, N_NEW)
+  assert c.tokens == a.tokens and c.loops == a.loops
 
 
 def test_mor_forced_depths_loopwise_equals_lockstep():

@@ -110,6 +110,8 @@ class LoopwiseServer:
     stage_rows: rows of the refill stage (loop-wise; default P); 0 prefills
       refills in place in the slots (passes of ``prefill_rows``).
     kernel_layout, fuse: decode weight layout, as for ``Engine``.
+    compact_fill: the skipped-loop K/V fill projects only the rows that
+      skipped (static buckets of P/8); False: every head-bucket row, masked.
   """
 
   def __init__(self, cfg: ModelConfig, params, slots: int = 8, exit=None,
@@ -117,7 +119,8 @@ class LoopwiseServer:
                pad_id: int | None = None, prefill_chunk: int = 32,
                prefill_rows: Sequence[int] | None = None, head_rows: int | None = None,
                kernel_layout: str | None = None, fuse: bool = False, weights: str = "f32",
-               stage_rows: int | None = None, head_buckets: Sequence[int] | None = None):
+               stage_rows: int | None = None, head_buckets: Sequence[int] | None = None,
+               compact_fill: bool = True):
     check_recursive(cfg, "depth-wise batching" if not lockstep else
                     "the sequence-wise early-exit baseline")
     if slots < 1:
@@ -166,6 +169,13 @@ class LoopwiseServer:
                       range(step, self.head_rows + step, step))
     self.head_buckets = tuple(sorted({min(max(int(b), 1), self.head_rows)
                                       for b in head_buckets} | {self.head_rows}))
+    # The skipped-loop fill runs on the rows that skipped only, in the smallest
+    # of these static buckets that holds them (compact_fill=False: the whole
+    # head bucket, masked).
+    self.compact_fill = bool(compact_fill)
+    step = max(p // 8, 1)
+    self.fill_buckets = tuple(sorted({min(b, self.head_rows)
+                                      for b in range(step, self.head_rows + step, step)}))
 
   def _fixed_depth(self) -> bool:
     if isinstance(self.exit, ForcedDepth):
@@ -186,7 +196,8 @@ class LoopwiseServer:
   def _static_key(self):
     return (type(self), self.cfg, self.slots, self.exit if not self._emit_now else
             self.exit.measure, self.lockstep, self.eos_id, self.pad_id, self.chunk,
-            self.prefill_rows, self.head_rows, self.stage_rows, self.head_buckets)
+            self.prefill_rows, self.head_rows, self.stage_rows, self.head_buckets,
+            self.compact_fill)
 
   def __hash__(self):
     return hash(self._static_key())
@@ -397,7 +408,18 @@ class LoopwiseServer:
     return st, cache
 
   def _refill_staged(self, params, st, cache, **static):
-    """Free slots take staged requests; an empty stage takes the next ones."""
+    """Free slots take staged requests; an empty stage takes the next ones.
+
+    When the stage is empty and every slot is free (the start of a stream, and
+    every refill when all requests finish together, e.g. one depth for every
+    token), the next P requests are prefilled in place in the pool, one pass
+    of P rows per chunk, as in lockstep: staging them would copy every cache
+    row from the stage into the pool (only with ``stage_rows == P``)."""
+    if self.stage_rows == self.slots:
+      direct = (~jnp.any(st["s_live"]) & jnp.all(st["phase"] == FREE)
+                & (st["head"] < st["n_req"]))
+      st = when(direct, self._admit, st)
+      st, cache = self._prefill(params, st, cache, **static)
     st, cache = self._admit_staged(st, cache)
     empty = ~jnp.any(st["s_live"]) & (st["head"] < st["n_req"])
     st = when(empty, lambda st: self._stage_fill(params, st, **static), st)
@@ -418,7 +440,7 @@ class LoopwiseServer:
     h0, cache = D.run_layers(cfg, params, 0, plan.prelude, h0, p1, cache,
                              jnp.where(fresh, pos, s)[:, None])
     h_in = jnp.where(fresh[:, None], h0[:, 0], st["h"])
-    h, blk = B.block_loop(cfg, params, loop, h_in, pos, cache["block"], go)
+    h, blk = self._block_loop(params, loop, h_in, pos, cache["block"], go)
     cache = _lists(cache).replace(block=blk)
     last = loop == n_loops - 1
     h_out = h
@@ -437,13 +459,18 @@ class LoopwiseServer:
                                      threshold)
     rows = jnp.arange(self.slots)
     cache = when(jnp.any(early),
-                 lambda c: B.fill_kv(cfg, params, c, rows, h, pos, loop + 1, early),
-                 _lists(cache))
+                 lambda c, h, pos, depth, early: B.fill_kv(cfg, params, c, rows, h, pos,
+                                                           depth, early),
+                 _lists(cache), (h, pos, loop + 1, early))
     emit = go & (last | early)
     st = dict(st, loop=jnp.where(go & ~emit, loop + 1, loop),
               head_calls=st["head_calls"] + 1)
     return self._emit(st, emit, rows, logits, loop + 1, max_new, sampling,
                       stop_at_eos), cache
+
+  def _block_loop(self, params, loop, h, pos, block_cache, go):
+    """One loop of the shared block per row (a method: profiles replace it)."""
+    return B.block_loop(self.cfg, params, loop, h, pos, block_cache, go)
 
   # -- 4. emission -------------------------------------------------------------
   def _emit(self, st, sel_ok, sel, logits, depth, max_new, sampling, stop_at_eos):
@@ -484,26 +511,66 @@ class LoopwiseServer:
       st["parked"] = _put(st["parked"], ac, True)
     return st
 
-  def _head_step(self, hr: int, params, st, cache, max_new, sampling, stop_at_eos):
-    """The head for up to ``hr`` waiting slots (rotating priority), with the
-    K/V fill of the loops their tokens skipped."""
-    cfg, p = self.cfg, self.slots
+  def _head_order(self, st):
+    """Slots in head priority: ready ones first, rotating with the iteration."""
+    p = self.slots
     slots = jnp.arange(p, dtype=jnp.int32)
     key = jnp.where(st["ready"], (slots - st["iters"]) % p, p + slots)
-    sel = jnp.argsort(key)[:hr].astype(jnp.int32)
+    return jnp.argsort(key).astype(jnp.int32)
+
+  def _fill_served(self, params, st, cache, need):
+    """K/V of the skipped loops (state copying) for the tokens the head serves
+    this iteration (``need``) that stopped before the last loop: only those
+    rows are projected, gathered into the smallest static fill bucket that
+    holds them (multiples of P/8; 0/1-trip loops). The inputs reach the fill
+    as operands (``decode.inplace``), so no projection is hoisted out of it to
+    run when no row skipped."""
+    cfg, p = self.cfg, self.slots
+    order = self._head_order(st)
+    rank = jnp.zeros((p,), jnp.int32).at[order].set(jnp.arange(p, dtype=jnp.int32))
+    depth = st["loop"] + 1
+    skipped = need & st["ready"] & (rank < self.head_rows) & (depth < cfg.plan.loops)
+    buckets = self.fill_buckets
+    n = jnp.sum(skipped, dtype=jnp.int32)
+    pick = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), n).astype(jnp.int32)
+    pick = jnp.where(n > 0, pick, len(buckets))
+
+    def fill(b):
+      def fn(c, h, pos, depth, skipped):
+        j = jnp.nonzero(skipped, size=b, fill_value=p)[0].astype(jnp.int32)
+        ok = j < p
+        j = jnp.minimum(j, p - 1)
+        return B.fill_kv(cfg, params, c, j, h[j], pos[j], depth[j], ok & skipped[j])
+      return fn
+
+    return select_branch(pick, [fill(b) for b in buckets], _lists(cache),
+                         (st["h"], st["pos"], depth, skipped))
+
+  def _head_step(self, hr: int, params, st, cache, max_new, sampling, stop_at_eos):
+    """The head for up to ``hr`` waiting slots (rotating priority); with
+    ``compact_fill=False`` also the K/V fill of the loops their tokens skipped
+    (masked over the bucket; else ``_fill_served`` ran before)."""
+    cfg, p = self.cfg, self.slots
+    sel = self._head_order(st)[:hr]
     ok = st["ready"][sel]
     h = st["h"][sel]
     depth = st["loop"][sel] + 1
     if not self._feedback_depths:
-      skipped = ok & (depth < cfg.plan.loops)
-      cache = when(jnp.any(skipped),
-                   lambda c: B.fill_kv(cfg, params, c, sel, h, st["pos"][sel], depth, ok),
-                   _lists(cache))
+      if not self.compact_fill:  # (else filled by _fill_served before the head)
+        skipped = ok & (depth < cfg.plan.loops)
+        cache = when(jnp.any(skipped),
+                     lambda c, sel, h, pos, depth, skipped: B.fill_kv(
+                         cfg, params, c, sel, h, pos, depth, skipped),
+                     _lists(cache), (sel, h, st["pos"][sel], depth, skipped))
     else:
       depth = st["cnt"][sel]
-    logits = D.head(cfg, params, h)
+    logits = self._head_logits(params, h)
     st = dict(st, head_calls=st["head_calls"] + 1)
     return self._emit(st, ok, sel, logits, depth, max_new, sampling, stop_at_eos), cache
+
+  def _head_logits(self, params, h):
+    """The LM head on the bucket's states (a method: profiles replace it)."""
+    return D.head(self.cfg, params, h)
 
   # -- the loop ------------------------------------------------------------------
   def _step(self, params, carry, threshold, max_new, sampling, stop_at_eos):
@@ -533,6 +600,8 @@ class LoopwiseServer:
       n_ready = jnp.minimum(jnp.sum(st["ready"], dtype=jnp.int32), self.head_rows)
       pick = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), n_ready).astype(jnp.int32)
       pick = jnp.where(need, pick, len(buckets))
+      if self.compact_fill and not self._feedback_depths:
+        cache = self._fill_served(params, st, cache, need)
       st, cache = select_branch(
           pick, [lambda a, b=b: self._head_step(b, params, *a, **static) for b in buckets],
           (st, _lists(cache)))
