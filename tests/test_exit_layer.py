@@ -136,3 +136,23 @@ def test_artifact_round_trip_with_a_layer_exit(params, tmp_path):
   h = jax.random.normal(jax.random.key(2), (1, 5, d))
   np.testing.assert_allclose(np.asarray(M.apply_layer_exit(CFG, back.exits[2], h)),
                              np.asarray(M.apply_layer_exit(CFG, lay, h)), rtol=2e-2, atol=2e-2)
+
+
+def test_state_predictions_match_exit_predictions(params):
+  """The layer path's scoring (precomputed module outputs) equals the per-token path's."""
+  rng = np.random.default_rng(4)
+  d = CFG.d_model
+  p = M.init_exit("lowrank", d, rank=4, seed=1,
+                  w=np.eye(d, dtype=np.float32) + 0.2 * rng.standard_normal((d, d)).astype(np.float32))
+  x = rng.standard_normal((37, d)).astype(np.float32)
+  small = {"final_norm": params["final_norm"]}
+  emb = jnp.asarray(params["embed"]["embedding"])
+  shortlist = np.arange(10, 60, dtype=np.int32)
+  ws = emb[shortlist]
+  a = T.exit_predictions(p, x, small, ws, shortlist, CFG.norm_eps, emb, chunk=16)
+  b = T.state_predictions(np.asarray(M.apply_exit(p, jnp.asarray(x))), small, ws, shortlist,
+                          CFG.norm_eps, emb, chunk=16)
+  np.testing.assert_array_equal(a[0], b[0])
+  np.testing.assert_allclose(a[1], b[1], rtol=1e-5)
+  np.testing.assert_array_equal(a[2], b[2])
+  assert set(a[0]) <= set(shortlist) and len(a[0]) == 37

@@ -196,29 +196,6 @@ def layer_outputs(cfg, p, h_seq: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------ evaluation
 @functools.partial(jax.jit, static_argnames=("eps",))
-def _exit_argmax(p, x, model_params, ws, emb, eps):
-  y = M.final_norm(model_params, M.apply_exit(p, x), eps)
-  sl = y @ ws.T
-  conf = jnp.max(jax.nn.softmax(sl, -1), -1)
-  full = None if emb is None else jnp.argmax(y @ emb.T, -1)
-  return jnp.argmax(sl, -1), conf, full
-
-
-def exit_predictions(p, x, model_params, ws, shortlist, eps, emb=None, chunk=2048):
-  """(shortlist argmax as token ids, shortlist max prob, full-head argmax or None)."""
-  outs = [[], [], []]
-  for i in range(0, len(x), chunk):
-    a, c, f = _exit_argmax(p, jnp.asarray(x[i:i + chunk], jnp.float32), model_params,
-                           ws, emb, eps)
-    outs[0].append(shortlist[np.asarray(a)])
-    outs[1].append(np.asarray(c))
-    if f is not None:
-      outs[2].append(np.asarray(f))
-  return (np.concatenate(outs[0]), np.concatenate(outs[1]),
-          np.concatenate(outs[2]) if emb is not None else None)
-
-
-@functools.partial(jax.jit, static_argnames=("eps",))
 def _state_argmax(y, model_params, ws, emb, eps):
   yn = M.final_norm(model_params, y, eps)
   sl = yn @ ws.T
@@ -227,17 +204,33 @@ def _state_argmax(y, model_params, ws, emb, eps):
   return jnp.argmax(sl, -1), conf, full
 
 
-def state_predictions(y, model_params, ws, shortlist, eps, emb=None, chunk=2048):
-  """``exit_predictions`` for precomputed module outputs y [N, D]."""
+@functools.partial(jax.jit, static_argnames=("eps",))
+def _exit_argmax(p, x, model_params, ws, emb, eps):
+  return _state_argmax(M.apply_exit(p, x), model_params, ws, emb, eps)
+
+
+def _chunked(run, n, shortlist, chunk, with_full):
   outs = [[], [], []]
-  for i in range(0, len(y), chunk):
-    a, c, f = _state_argmax(jnp.asarray(y[i:i + chunk], jnp.float32), model_params, ws, emb, eps)
+  for i in range(0, n, chunk):
+    a, c, f = run(slice(i, i + chunk))
     outs[0].append(shortlist[np.asarray(a)])
     outs[1].append(np.asarray(c))
     if f is not None:
       outs[2].append(np.asarray(f))
   return (np.concatenate(outs[0]), np.concatenate(outs[1]),
-          np.concatenate(outs[2]) if emb is not None else None)
+          np.concatenate(outs[2]) if with_full else None)
+
+
+def exit_predictions(p, x, model_params, ws, shortlist, eps, emb=None, chunk=2048):
+  """(shortlist argmax as token ids, shortlist max prob, full-head argmax or None)."""
+  run = lambda sl: _exit_argmax(p, jnp.asarray(x[sl], jnp.float32), model_params, ws, emb, eps)
+  return _chunked(run, len(x), shortlist, chunk, emb is not None)
+
+
+def state_predictions(y, model_params, ws, shortlist, eps, emb=None, chunk=2048):
+  """``exit_predictions`` for precomputed module outputs y [N, D] (``layer`` exits)."""
+  run = lambda sl: _state_argmax(jnp.asarray(y[sl], jnp.float32), model_params, ws, emb, eps)
+  return _chunked(run, len(y), shortlist, chunk, emb is not None)
 
 
 def identity_params(d):
