@@ -57,7 +57,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.ship = ()                         # not shipped (3 x 3.9M params > 8 MB); measured only
     c.workdir, c.out = "runs/exits_layer", "runs/exits_layer/artifact"
     c.results_merge = "results/exits_agreement.json" if variant == "layer" else ""
-  if variant == "layer_small":          # smoke run (a few minutes)
+  if variant == "layer_small":          # smoke run (~2 min: 106 s measured)
     c.corpus_tokens, c.heldout_tokens, c.selfgen_prompts = 8192, 4096, 16
     c.exit_layers = c.train_layers = (6,)
     c.steps, c.layer_steps = 30, 30
