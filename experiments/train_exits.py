@@ -65,8 +65,15 @@ def main(argv):
   with open(os.path.join(c.workdir, "agreement.json"), "w") as f:
     json.dump(result["agreement"], f, indent=1)
   T.plot_agreement(result["agreement"], os.path.join(c.workdir, "agreement_vs_layer.png"))
-  path = T.write_artifact(c, cfg, params, result)
-  print(f"artifact: {path}; total wall time {result['wall_seconds']:.0f}s", flush=True)
+  if c.results_merge:
+    merged = T.merge_layer_curve(c.results_merge, result["agreement"], c, result["wall_seconds"],
+                                 " ".join(["python"] + sys.argv))
+    T.plot_agreement(merged, c.results_merge.replace(".json", "_vs_layer.png"))
+    print(f"merged the layer curve into {c.results_merge}", flush=True)
+  if c.ship:
+    path = T.write_artifact(c, cfg, params, result)
+    print(f"artifact: {path}", flush=True)
+  print(f"total wall time {result['wall_seconds']:.0f}s", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ r"""Config of experiments/train_exits.py: exit modules for the frozen embedded S
     python experiments/train_exits.py                      # the shipped artifact
     python experiments/train_exits.py --config experiments/configs/train_exits.py:small
     python experiments/train_exits.py --config.steps=100 --config.out=runs/exits/try
+    python experiments/train_exits.py --config experiments/configs/train_exits.py:layer
+    python experiments/train_exits.py --config experiments/configs/train_exits.py:layer_small
 
 Budget (the shipped artifact): ~41k corpus tokens + 128 self-generated
 continuations of 96 tokens, features at 8 exit layers, raw + least squares at 8 layers, 2
@@ -43,12 +45,31 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.n_eval_full_head = 2048             # held-out tokens scored through the full head
   c.meta_hidden = 64
   c.meta_steps = 300
-  if variant == "small":                # a quick smoke run (~2 min)
+  # kind "layer" (one decoder layer, Kangaroo-style; trained on whole sequences)
+  c.layer_init = "next"                 # copy the frozen model's layer e+1 ("next") or its last
+  c.layer_affine = True                 # an affine map after the layer (least-squares start)
+  c.layer_steps = 600                   # steps of `batch` tokens (whole sequences)
+  c.layer_lr = 3e-4
+  c.results_merge = ""                  # add this run's `layer` curve to that agreement json
+  if variant in ("layer", "layer_small"):   # issue 12: the one-layer module vs affine
+    c.exit_layers = c.train_layers = (6, 8, 12)
+    c.kinds = ("affine", "layer")
+    c.ship = ()                         # not shipped (3 x 3.9M params > 8 MB); measured only
+    c.workdir, c.out = "runs/exits_layer", "runs/exits_layer/artifact"
+    c.results_merge = "results/exits_agreement.json" if variant == "layer" else ""
+  if variant == "layer_small":          # smoke run (~2 min: 106 s measured)
+    c.corpus_tokens, c.heldout_tokens, c.selfgen_prompts = 8192, 4096, 16
+    c.exit_layers = c.train_layers = (6,)
+    c.steps, c.layer_steps = 30, 30
+    c.workdir, c.out = "runs/exits_layer_small", "runs/exits_layer_small/artifact"
+  elif variant in ("", "layer"):
+    pass
+  elif variant == "small":                # a quick smoke run (~2 min)
     c.corpus_tokens, c.heldout_tokens, c.selfgen_prompts = 8192, 4096, 16
     c.exit_layers, c.steps, c.meta_steps = (6, 12), 30, 30
     c.train_layers = (6,)
     c.ship = ("lowrank:6",)
     c.workdir, c.out = "runs/exits_small", "runs/exits_small/artifact"
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r}; use '' or 'small'")
+  else:
+    raise ValueError(f"unknown variant {variant!r}; use '', 'small', 'layer' or 'layer_small'")
   return c

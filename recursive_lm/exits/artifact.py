@@ -5,7 +5,8 @@ Layout of an artifact folder::
     exits.json          format, base model identity + fingerprint, exits
                         (layer -> kind, rank), shortlist size, training record,
                         sha256 and byte size of exits.safetensors
-    exits.safetensors   exit.<e>.<w|b|a|bb>, meta.<e>.<...>, shortlist (int32)
+    exits.safetensors   exit.<e>.<w|b|a|bb>, meta.<e>.<...>, shortlist (int32);
+                        a ``layer`` exit's decoder layer as exit.<e>.layer/<path>
 
 Tensors are stored as float16 (computed in float32). ``load_exits`` checks the
 json, the file size and hash, and the base model's identity: a missing,
@@ -79,11 +80,33 @@ class ExitSet:
     return np.asarray(params["embed"]["embedding"])[np.asarray(ids)]
 
 
+def _leaves(tree: dict, prefix: str = ""):
+  """(name, array) of a nested dict; nested names joined with '/'."""
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _leaves(v, f"{prefix}{k}/")
+    else:
+      yield f"{prefix}{k}", v
+
+
+def _nest(tree: dict, name: str, value) -> None:
+  *path, last = name.split("/")
+  for k in path:
+    tree = tree.setdefault(k, {})
+  tree[last] = value
+
+
+def _kind(p: dict) -> str:
+  if "layer" in p:
+    return "layer"
+  return "lowrank" if "a" in p else "affine"
+
+
 def _flatten(es: ExitSet) -> dict[str, np.ndarray]:
   out = {"shortlist": np.asarray(es.shortlist, np.int32)}
   for group, d in (("exit", es.exits), ("meta", es.meta)):
     for e, p in d.items():
-      for k, v in p.items():
+      for k, v in _leaves(p):
         out[f"{group}.{int(e)}.{k}"] = np.asarray(v, np.float32).astype(np.float16)
   return out
 
@@ -97,7 +120,7 @@ def save_exits(es: ExitSet, path: str) -> str:
     blob = f.read()
   meta = {
       "format": FORMAT, "model": es.model,
-      "exits": {str(e): {"kind": "lowrank" if "a" in p else "affine",
+      "exits": {str(e): {"kind": _kind(p),
                          "rank": int(p["a"].shape[1]) if "a" in p else 0}
                 for e, p in sorted(es.exits.items())},
       "meta_classifiers": sorted(int(e) for e in es.meta),
@@ -142,8 +165,8 @@ def load_exits(path: str, cfg: ModelConfig | None = None, params=None) -> ExitSe
   for name, v in flat.items():
     if name == "shortlist":
       continue
-    group, e, k = name.split(".")
-    (exits if group == "exit" else metas).setdefault(int(e), {})[k] = v.astype(np.float32)
+    group, e, k = name.split(".", 2)
+    _nest((exits if group == "exit" else metas).setdefault(int(e), {}), k, v.astype(np.float32))
   es = ExitSet(exits, flat["shortlist"].astype(np.int32), meta["model"], metas,
                meta.get("info", {}))
   if cfg is not None and params is not None:
