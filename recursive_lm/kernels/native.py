@@ -186,28 +186,29 @@ def set_amx(enabled: bool) -> bool:
   return amx()
 
 
+def _set_prefetch(symbol: str, nbytes: int) -> int:
+  """Calls the library's int64 -> int64 prefetch-distance setter ``symbol``;
+  -1 without the kernels."""
+  if not load():
+    return -1
+  fn = getattr(_state["lib"], symbol)
+  fn.argtypes = [ctypes.c_int64]
+  fn.restype = ctypes.c_int64
+  return int(fn(int(nbytes)))
+
+
 def set_amx_prefetch(nbytes: int) -> int:
   """Sets how far ahead (bytes) the AMX paths prefetch the weight stream into
   L2 (0: no software prefetch; the default is the library's, 8 KiB) for later
   calls; returns the previous distance (-1 without AMX code or kernels)."""
-  if not load():
-    return -1
-  lib = _state["lib"]
-  lib.RecursiveLmAmxPrefetch.argtypes = [ctypes.c_int64]
-  lib.RecursiveLmAmxPrefetch.restype = ctypes.c_int64
-  return int(lib.RecursiveLmAmxPrefetch(int(nbytes)))
+  return _set_prefetch("RecursiveLmAmxPrefetch", nbytes)
 
 
 def set_int8_prefetch(nbytes: int) -> int:
   """Sets how far ahead (bytes) the int8 FMA path prefetches the weight stream
   into L2 (0: none; default 8 KiB) for later calls; returns the previous one
   (-1 without the kernels)."""
-  if not load():
-    return -1
-  lib = _state["lib"]
-  lib.RecursiveLmInt8Prefetch.argtypes = [ctypes.c_int64]
-  lib.RecursiveLmInt8Prefetch.restype = ctypes.c_int64
-  return int(lib.RecursiveLmInt8Prefetch(int(nbytes)))
+  return _set_prefetch("RecursiveLmInt8Prefetch", nbytes)
 
 
 def set_grouped_attention(enabled: bool) -> bool:
