@@ -89,6 +89,12 @@ def _put(x: Array, idx: Array, val) -> Array:
   return x.at[idx].set(jnp.asarray(val).astype(x.dtype), mode="drop")
 
 
+def _eighths(slots: int, top: int) -> tuple[int, ...]:
+  """Static bucket sizes: the multiples of slots/8 (at least 1), capped at top."""
+  step = max(slots // 8, 1)
+  return tuple(sorted({min(b, top) for b in range(step, top + step, step)}))
+
+
 class LoopwiseServer:
   """Loop-wise (or, ``lockstep=True``, sequence-wise) serving; see module docstring.
 
@@ -164,18 +170,15 @@ class LoopwiseServer:
     # lockstep): the one bucket of all head_rows, so slots that start together
     # stay together and the head runs once per token for the pool.
     if head_buckets is None:
-      step = max(p // 8, 1)
       head_buckets = ((self.head_rows,) if lockstep or self._fixed_depth() else
-                      range(step, self.head_rows + step, step))
+                      _eighths(p, self.head_rows))
     self.head_buckets = tuple(sorted({min(max(int(b), 1), self.head_rows)
                                       for b in head_buckets} | {self.head_rows}))
     # The skipped-loop fill runs on the rows that skipped only, in the smallest
     # of these static buckets that holds them (compact_fill=False: the whole
     # head bucket, masked).
     self.compact_fill = bool(compact_fill)
-    step = max(p // 8, 1)
-    self.fill_buckets = tuple(sorted({min(b, self.head_rows)
-                                      for b in range(step, self.head_rows + step, step)}))
+    self.fill_buckets = _eighths(p, self.head_rows)
 
   def _fixed_depth(self) -> bool:
     if isinstance(self.exit, ForcedDepth):

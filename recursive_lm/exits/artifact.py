@@ -96,12 +96,6 @@ def _nest(tree: dict, name: str, value) -> None:
   tree[last] = value
 
 
-def _kind(p: dict) -> str:
-  if "layer" in p:
-    return "layer"
-  return "lowrank" if "a" in p else "affine"
-
-
 def _flatten(es: ExitSet) -> dict[str, np.ndarray]:
   out = {"shortlist": np.asarray(es.shortlist, np.int32)}
   for group, d in (("exit", es.exits), ("meta", es.meta)):
@@ -113,6 +107,7 @@ def _flatten(es: ExitSet) -> dict[str, np.ndarray]:
 
 def save_exits(es: ExitSet, path: str) -> str:
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from recursive_lm.exits.modules import exit_kind  # pylint: disable=g-import-not-at-top
   os.makedirs(path, exist_ok=True)
   tpath = os.path.join(path, TENSORS_NAME)
   save_file(_flatten(es), tpath)
@@ -120,7 +115,7 @@ def save_exits(es: ExitSet, path: str) -> str:
     blob = f.read()
   meta = {
       "format": FORMAT, "model": es.model,
-      "exits": {str(e): {"kind": _kind(p),
+      "exits": {str(e): {"kind": exit_kind(p),
                          "rank": int(p["a"].shape[1]) if "a" in p else 0}
                 for e, p in sorted(es.exits.items())},
       "meta_classifiers": sorted(int(e) for e in es.meta),
