@@ -224,3 +224,27 @@ def test_native_argmax_equals_jnp_argmax(rows, v):
     np.testing.assert_array_equal(jax.jit(xla_argmax)(x), want)
   batched = jax.jit(jax.vmap(argmax))(x.reshape(1, rows, v))  # vmap: a loop of calls
   np.testing.assert_array_equal(batched[0], want)
+
+
+@needs_compiler
+def test_materialize_is_a_copy_and_a_fusion_barrier():
+  """decode_ops.materialize returns its input; the RoPE tables go through it, so
+  the compiled decode step computes cos/sin once, not in every RoPE fusion."""
+  from recursive_lm.kernels import decode_ops
+  from recursive_lm.nn.layers import rope_cos_sin
+  from recursive_lm.config import RopeConfig
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 5, 8)), jnp.float32)
+  f = jax.jit(decode_ops.materialize)
+  assert native.MATERIALIZE in f.lower(x).as_text()
+  np.testing.assert_array_equal(f(x), x)
+  np.testing.assert_array_equal(jax.jit(jax.vmap(decode_ops.materialize))(x), x)
+  pos = jnp.arange(6, dtype=jnp.int32).reshape(2, 3)
+  cos, sin = jax.jit(lambda p: rope_cos_sin(RopeConfig(), 16, p))(pos)
+  was = decode_ops.MATERIALIZE
+  decode_ops.MATERIALIZE = False
+  try:
+    cos0, sin0 = jax.jit(lambda p: rope_cos_sin(RopeConfig(), 16, p))(pos)
+  finally:
+    decode_ops.MATERIALIZE = was
+  np.testing.assert_array_equal(cos, cos0)
+  np.testing.assert_array_equal(sin, sin0)

@@ -6,7 +6,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from recursive_lm.kernels import argmax as native_argmax
+from recursive_lm.kernels import decode_ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,9 +32,9 @@ def argmax(logits: jax.Array) -> jax.Array:
   """``jnp.argmax`` over the last axis (first index of the maximum), as int32.
 
   On CPU with the native kernels, float32 logits take one FFI call
-  (``recursive_lm.kernels.argmax``, same answer); elsewhere ``xla_argmax``.
+  (``recursive_lm.kernels.decode_ops``, same answer); elsewhere ``xla_argmax``.
   """
-  return native_argmax.argmax(logits, xla_argmax)
+  return decode_ops.argmax(logits, xla_argmax)
 
 
 def xla_argmax(logits: jax.Array) -> jax.Array:

@@ -1,6 +1,10 @@
-// Native greedy token choice for decoding, registered as an XLA FFI target:
-// recursive_lm_argmax: x [..., V] f32 -> int32 [...], the first index of each
-// row's maximum, or of its first NaN when it has one (jnp.argmax's answer).
+// Small native ops of a decode step, registered as XLA FFI targets:
+// * recursive_lm_argmax: x [..., V] f32 -> int32 [...], the first index of each
+//   row's maximum, or of its first NaN when it has one (jnp.argmax's answer);
+// * recursive_lm_materialize: a copy of an f32 array. XLA cannot fuse through
+//   a custom call, so a value that goes through it is computed once: the RoPE
+//   tables (nn/layers.py rope_cos_sin), which XLA otherwise recomputes (cos and
+//   sin per element) inside every head's and layer's RoPE fusion.
 //
 // XLA:CPU runs the same reduction (decode/sampling.py: a max, then the least
 // index that equals it) as two fusions over the logits, ~0.85 ms per step at
@@ -64,6 +68,14 @@ ffi::Error Argmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuff
   return ffi::Error::Success();
 }
 
+ffi::Error Materialize(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out) {
+  if (x.element_count() != out->element_count()) {
+    return ffi::Error::InvalidArgument("recursive_lm_materialize: output size != input size");
+  }
+  __builtin_memcpy(out->typed_data(), x.typed_data(), x.element_count() * sizeof(float));
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace rlm
 
@@ -74,3 +86,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecursiveLmArgmax, rlm::Argmax,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecursiveLmMaterialize, rlm::Materialize,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
