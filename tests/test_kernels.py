@@ -193,3 +193,58 @@ def test_library_cache_key_covers_every_kernel_source(tmp_path, monkeypatch):
       f.write("\n// edited\n")
     keys.add(native.library_path("g++"))
   assert len(keys) == len(copies) + 1
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows,v", [(1, 1), (3, 5), (8, 16), (2, 17), (5, 40), (8, 1000),
+                                    (8, 49152), (21, 333)])
+def test_native_argmax_equals_jnp_argmax(rows, v):
+  """First index of the maximum on ties, the first NaN, all -inf rows, inf, the
+  16-wide body and the scalar tail; the same answer as XLA's path."""
+  from recursive_lm.decode.sampling import argmax, xla_argmax
+  assert native.load(), native.status()
+  rng = np.random.default_rng(rows * 1000 + v)
+  x = rng.standard_normal((rows, v)).astype(np.float32)
+  if rows > 1 and v > 1:
+    x[1, v // 3] = x[1, v - 1] = x[1].max() + 1  # tie: the first index wins
+  if rows > 2:
+    x[2, :] = -np.inf
+  if rows > 3:
+    x[3, v - 1] = np.nan  # NaN in the tail
+    x[3, v // 2] = np.inf
+  if rows > 4:
+    x[4, v // 2] = np.nan  # two NaNs: the first
+    x[4, v - 1] = np.nan
+  x = jnp.asarray(x)
+  f = jax.jit(argmax)
+  assert native.ARGMAX in f.lower(x).as_text()
+  want = np.asarray(jnp.argmax(x, -1))
+  np.testing.assert_array_equal(f(x), want)
+  if rows <= 3:  # no NaN (XLA's max may skip a NaN after an inf: rows 3-4)
+    np.testing.assert_array_equal(jax.jit(xla_argmax)(x), want)
+  batched = jax.jit(jax.vmap(argmax))(x.reshape(1, rows, v))  # vmap: a loop of calls
+  np.testing.assert_array_equal(batched[0], want)
+
+
+@needs_compiler
+def test_materialize_is_a_copy_and_a_fusion_barrier():
+  """decode_ops.materialize returns its input; the RoPE tables go through it, so
+  the compiled decode step computes cos/sin once, not in every RoPE fusion."""
+  from recursive_lm.kernels import decode_ops
+  from recursive_lm.nn.layers import rope_cos_sin
+  from recursive_lm.config import RopeConfig
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 5, 8)), jnp.float32)
+  f = jax.jit(decode_ops.materialize)
+  assert native.MATERIALIZE in f.lower(x).as_text()
+  np.testing.assert_array_equal(f(x), x)
+  np.testing.assert_array_equal(jax.jit(jax.vmap(decode_ops.materialize))(x), x)
+  pos = jnp.arange(6, dtype=jnp.int32).reshape(2, 3)
+  cos, sin = jax.jit(lambda p: rope_cos_sin(RopeConfig(), 16, p))(pos)
+  was = decode_ops.MATERIALIZE
+  decode_ops.MATERIALIZE = False
+  try:
+    cos0, sin0 = jax.jit(lambda p: rope_cos_sin(RopeConfig(), 16, p))(pos)
+  finally:
+    decode_ops.MATERIALIZE = was
+  np.testing.assert_array_equal(cos, cos0)
+  np.testing.assert_array_equal(sin, sin0)

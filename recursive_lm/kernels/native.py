@@ -37,14 +37,17 @@ _HERE = os.path.dirname(__file__)
 # The C++ translation units compiled into the one library, and the headers they
 # include: the cache key hashes every one of them.
 SOURCES = tuple(os.path.join(_HERE, f) for f in
-                ("cpu_kernels.cc", "amx_panels.cc", "cache_attention.cc"))
+                ("cpu_kernels.cc", "amx_panels.cc", "cache_attention.cc", "decode_ops.cc"))
 HEADERS = (os.path.join(_HERE, "kernels_common.h"),)
 # XLA FFI target name -> exported handler symbol.
 TARGETS = {"recursive_lm_panel_matmul": "RecursiveLmPanelMatmul",
            "recursive_lm_cache_attention": "RecursiveLmCacheAttention",
            "recursive_lm_panel_matmul_bf16": "RecursiveLmPanelMatmulBf16",
-           "recursive_lm_panel_matmul_int8": "RecursiveLmPanelMatmulInt8"}
-PANEL_MATMUL, CACHE_ATTENTION, PANEL_MATMUL_BF16, PANEL_MATMUL_INT8 = TARGETS
+           "recursive_lm_panel_matmul_int8": "RecursiveLmPanelMatmulInt8",
+           "recursive_lm_argmax": "RecursiveLmArgmax",
+           "recursive_lm_materialize": "RecursiveLmMaterialize"}
+(PANEL_MATMUL, CACHE_ATTENTION, PANEL_MATMUL_BF16, PANEL_MATMUL_INT8, ARGMAX,
+ MATERIALIZE) = TARGETS
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 # Extra compiler flags, e.g. "-mno-avx512bf16" to build the bf16 kernel's
 # widening path on a CPU with AVX-512 BF16 (tests); part of the cache key.
