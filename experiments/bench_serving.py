@@ -54,7 +54,7 @@ flags.DEFINE_integer("head_rows", 0, "Head rows of loop-wise serving (0: default
 flags.DEFINE_integer("repeats", 3, "Interleaved timed repeats (median).")
 flags.DEFINE_integer("seed", 0, "Depth and prompt seed.")
 flags.DEFINE_bool("append", False, "Add rows to an existing bench_serving.json (a row "
-                  "of the same model and depths replaces the earlier one).")
+                  "of the same model, depths and stream replaces the earlier one).")
 flags.DEFINE_bool("quick", False, "Tiny random models, tiny sizes (tests).")
 flags.DEFINE_string("lock", "", "Lock file (e.g. /tmp/rlm_cpu.lock): the compile runs "
                     "hold it shared, the timed runs exclusive (so only timing holds "
@@ -204,9 +204,10 @@ def main(_):
              "loopwise_utilization": a.utilization, "lockstep_utilization": b.utilization,
              "head_rows": servers["loop-wise"].head_rows,
              "runs_s": {k: [o.seconds for o in v] for k, v in outs.items()}}
-      # A rerun of a (model, depths, stream) row replaces the earlier one.
-      key = lambda r: (r["model"], r["scenario"], r["slots"], r["prompt_len"],
-                       r["new_tokens"])
+      # A rerun of a (model, depths, stream) row replaces the earlier one; a
+      # stream is its slots, requests, prompt and new tokens.
+      key = lambda r: (r["model"], r["scenario"], r["slots"], r["requests"],
+                       r["prompt_len"], r["new_tokens"])
       res["rows"] = [r for r in res["rows"] if key(r) != key(row)] + [row]
       print({k: v for k, v in row.items() if k != "runs_s"}, flush=True)
       with open(path, "w") as f:

@@ -55,7 +55,7 @@ def variant_class(base, name):
          "no_prefill": {"prefill"}, "none_of_them": {"fill", "head", "block", "prefill"},
          "served": set()}[name]
   if "fill" in off:
-    Variant._fill_served = lambda self, params, st, cache, need: cache
+    Variant._fill_served = lambda self, params, st, cache, need, order: cache
   if "head" in off:
     Variant._head_logits = lambda self, params, h: jnp.zeros(
         (h.shape[0], self.cfg.vocab_size), h.dtype) + h[:, :1] * 0
