@@ -185,6 +185,12 @@ class LoopwiseServer:
       return sum(q > 0 for q in self.exit.probs) == 1
     return self.exit is None
 
+  def _all_loops(self) -> bool:
+    """Every token runs every loop (no exits): no token has skipped loops to fill."""
+    if isinstance(self.exit, ForcedDepth):
+      return all(q == 0 for q in self.exit.probs[:-1])
+    return self.exit is None
+
   def _expected_depth(self) -> float:
     if isinstance(self.exit, ForcedDepth):
       return self.exit.mean_depth
@@ -605,7 +611,8 @@ class LoopwiseServer:
       pick = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), n_ready).astype(jnp.int32)
       pick = jnp.where(need, pick, len(buckets))
       order = self._head_order(st)  # once per iteration: the fill and the head share it
-      if self.compact_fill and not self._feedback_depths:
+      # (statically absent when every token runs every loop: nothing to fill)
+      if self.compact_fill and not self._feedback_depths and not self._all_loops():
         cache = self._fill_served(params, st, cache, need, order)
       st, cache = select_branch(
           pick, [lambda a, order, b=b: self._head_step(b, params, *a, order, **static)
