@@ -51,6 +51,8 @@ flags.DEFINE_integer("prompt_len", 32, "Prompt tokens per request.")
 flags.DEFINE_integer("new_tokens", 32, "New tokens per request.")
 flags.DEFINE_integer("chunk", 32, "Prefill chunk.")
 flags.DEFINE_integer("head_rows", 0, "Head rows of loop-wise serving (0: default).")
+flags.DEFINE_integer("stage_rows", -1, "Stage rows of loop-wise serving (-1: default "
+                     "P; 0: refills prefilled in place, no stage).")
 flags.DEFINE_integer("repeats", 3, "Interleaved timed repeats (median).")
 flags.DEFINE_integer("seed", 0, "Depth and prompt seed.")
 flags.DEFINE_bool("append", False, "Add rows to an existing bench_serving.json (a row "
@@ -162,6 +164,8 @@ def main(_):
       kw = dict(slots=FLAGS.slots, exit=rule, prefill_chunk=FLAGS.chunk,
                 kernel_layout="panel", fuse=True, eos_id=None)
       hr = {"head_rows": FLAGS.head_rows} if FLAGS.head_rows else {}
+      if FLAGS.stage_rows >= 0:
+        hr["stage_rows"] = FLAGS.stage_rows
       servers = {"loop-wise": cls(cfg, params, lockstep=False, **kw, **hr),
                  "lockstep": cls(cfg, params, lockstep=True, **kw)}
       run = lambda s: s.generate(prompts, FLAGS.new_tokens, stop_at_eos=False)
@@ -203,11 +207,13 @@ def main(_):
              "loopwise_head_calls": a.head_calls, "lockstep_head_calls": b.head_calls,
              "loopwise_utilization": a.utilization, "lockstep_utilization": b.utilization,
              "head_rows": servers["loop-wise"].head_rows,
+             "stage_rows": servers["loop-wise"].stage_rows,
              "runs_s": {k: [o.seconds for o in v] for k, v in outs.items()}}
       # A rerun of a (model, depths, stream) row replaces the earlier one; a
-      # stream is its slots, requests, prompt and new tokens.
+      # stream is its slots, requests, prompt and new tokens (and whether
+      # loop-wise ran with the default stage).
       key = lambda r: (r["model"], r["scenario"], r["slots"], r["requests"],
-                       r["prompt_len"], r["new_tokens"])
+                       r["prompt_len"], r["new_tokens"], r.get("stage_rows") in (None, r["slots"]))
       res["rows"] = [r for r in res["rows"] if key(r) != key(row)] + [row]
       print({k: v for k, v in row.items() if k != "runs_s"}, flush=True)
       with open(path, "w") as f:
@@ -241,6 +247,8 @@ def markdown(res):
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in res["rows"]:
     probs = "/".join(f"{p:g}" for p in r["depth_probs"])
+    if r.get("stage_rows") not in (None, r["slots"]):
+      probs += f"; loop-wise stage_rows={r['stage_rows']}"
     lines.append(
         f"| {r['model']} | {r['scenario']} ({probs}) | {r['slots']} | "
         f"{r['requests']} | {r['prompt_len']} + {r['new_tokens']} | "
