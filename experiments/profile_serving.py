@@ -55,7 +55,7 @@ def variant_class(base, name):
          "no_prefill": {"prefill"}, "none_of_them": {"fill", "head", "block", "prefill"},
          "served": set()}[name]
   if "fill" in off:
-    Variant._fill_served = lambda self, params, st, cache, need: cache
+    Variant._fill_served = lambda self, params, st, cache, need, order: cache
   if "head" in off:
     Variant._head_logits = lambda self, params, h: jnp.zeros(
         (h.shape[0], self.cfg.vocab_size), h.dtype) + h[:, :1] * 0
@@ -114,18 +114,22 @@ def main(_):
   if lock:
     fcntl.flock(lock, fcntl.LOCK_UN)
   med = {k: statistics.median(v) for k, v in times.items()}
-  rows = []
-  print(f"\n{name}, {FLAGS.scenario}, {FLAGS.slots} slots, {FLAGS.requests} requests, "
-        f"{FLAGS.prompt_len} + {FLAGS.new_tokens} tokens; exclusive hold {hold:.0f}s\n")
-  print("| server | variant | s (median) | runs | block steps | head calls | prefill passes |")
-  print("|---|---|---|---|---|---|---|")
+  rows, md = [], []
+  say = lambda line="": (print(line), md.append(line))
+  say(f"# Loop-wise serving profile\n\n{time.strftime('%Y-%m-%d %H:%M')}: "
+      f"`python {' '.join(sys.argv)}`\n")
+  say(f"{name}, {FLAGS.scenario}, {FLAGS.slots} slots, {FLAGS.requests} requests, "
+        f"{FLAGS.prompt_len} + {FLAGS.new_tokens} tokens; exclusive hold {hold:.0f}s; "
+        f"{FLAGS.repeats} interleaved timed runs after a compile run\n")
+  say("| server | variant | s (median) | runs | block steps | head calls | prefill passes |")
+  say("|---|---|---|---|---|---|---|")
   for (sname, v), t in med.items():
     o = outs[(sname, v)]
     rows.append(dict(server=sname, variant=v, seconds=t, runs=times[(sname, v)],
                      steps=o.steps, head_calls=o.head_calls, prefill_passes=o.prefill_passes))
-    print(f"| {sname} | {v} | {t:.2f} | {' '.join(f'{x:.2f}' for x in times[(sname, v)])} "
+    say(f"| {sname} | {v} | {t:.2f} | {' '.join(f'{x:.2f}' for x in times[(sname, v)])} "
           f"| {o.steps} | {o.head_calls} | {o.prefill_passes} |")
-  print("\nper call (ms): run minus the variant without the piece, over its calls")
+  say("\nper call (ms): run minus the variant without the piece, over its calls")
   for sname in FLAGS.servers:
     o = outs[(sname, "served")]
     full = med.get((sname, "served"))
@@ -137,9 +141,10 @@ def main(_):
       if full is not None and k in med:
         parts[piece] = (full - med[k], 1e3 * (full - med[k]) / max(n, 1))
     rest = med.get((sname, "none_of_them"))
-    print(sname, {p: f"{t:.2f}s = {ms:.1f} ms x {calls[p]}" for p, (t, ms) in parts.items()},
-          f"rest {rest:.2f}s = {1e3 * rest / max(o.steps, 1):.1f} ms per block step"
-          if rest is not None else "")
+    say(f"* {sname}: " + "; ".join(
+        f"{p} {t:.2f} s = {ms:.1f} ms x {calls[p]}" for p, (t, ms) in parts.items())
+        + (f"; rest {rest:.2f} s = {1e3 * rest / max(o.steps, 1):.1f} ms per block step"
+           if rest is not None else ""))
   os.makedirs(FLAGS.out, exist_ok=True)
   path = os.path.join(FLAGS.out, "profile_serving.json")
   res = json.load(open(path)) if os.path.exists(path) else []
@@ -149,6 +154,8 @@ def main(_):
                   new_tokens=FLAGS.new_tokens, rows=rows))
   with open(path, "w") as f:
     json.dump(res, f, indent=1)
+  with open(os.path.join(FLAGS.out, "profile_serving.md"), "w") as f:
+    f.write("\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

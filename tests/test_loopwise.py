@@ -84,6 +84,23 @@ def test_forced_depths_loopwise_equals_lockstep(model):
   assert c.tokens == a.tokens and c.loops == a.loops
 
 
+def test_one_early_depth_still_fills_skipped_loops(model):
+  """Every token stopping after loop 1 (one depth, but not the last loop) still
+  gets its skipped loops' K/V; only all-loops streams drop the fill statically."""
+  cfg, params = model
+  rule = ForcedDepth((1.0, 0.0, 0.0), seed=2)
+  srv = LoopwiseServer(cfg, params, slots=3, exit=rule)
+  assert not srv._all_loops()
+  assert LoopwiseServer(cfg, params, slots=3, exit=ForcedDepth((0.0, 0.0, 1.0)))._all_loops()
+  a = srv.generate(PROMPTS, N_NEW)
+  b = LoopwiseServer(cfg, params, slots=3, exit=rule, lockstep=True).generate(
+      PROMPTS, N_NEW)
+  c = LoopwiseServer(cfg, params, slots=3, exit=rule, compact_fill=False).generate(
+      PROMPTS, N_NEW)
+  assert a.tokens == b.tokens == c.tokens
+  assert all(loops == [3] + [1] * (N_NEW - 1) for loops in a.loops)
+
+
 def test_mor_forced_depths_loopwise_equals_lockstep():
   cfg = tiny_config(plan=DepthPlan(1, 1, 3, 1), router=RouterConfig(
       kind="token", gate="softmax", alpha=1.0, kv="recursion"))

@@ -185,6 +185,12 @@ class LoopwiseServer:
       return sum(q > 0 for q in self.exit.probs) == 1
     return self.exit is None
 
+  def _all_loops(self) -> bool:
+    """Every token runs every loop (no exits): no token has skipped loops to fill."""
+    if isinstance(self.exit, ForcedDepth):
+      return all(q == 0 for q in self.exit.probs[:-1])
+    return self.exit is None
+
   def _expected_depth(self) -> float:
     if isinstance(self.exit, ForcedDepth):
       return self.exit.mean_depth
@@ -521,7 +527,7 @@ class LoopwiseServer:
     key = jnp.where(st["ready"], (slots - st["iters"]) % p, p + slots)
     return jnp.argsort(key).astype(jnp.int32)
 
-  def _fill_served(self, params, st, cache, need):
+  def _fill_served(self, params, st, cache, need, order):
     """K/V of the skipped loops (state copying) for the tokens the head serves
     this iteration (``need``) that stopped before the last loop: only those
     rows are projected, gathered into the smallest static fill bucket that
@@ -529,7 +535,6 @@ class LoopwiseServer:
     as operands (``decode.inplace``), so no projection is hoisted out of it to
     run when no row skipped."""
     cfg, p = self.cfg, self.slots
-    order = self._head_order(st)
     rank = jnp.zeros((p,), jnp.int32).at[order].set(jnp.arange(p, dtype=jnp.int32))
     depth = st["loop"] + 1
     skipped = need & st["ready"] & (rank < self.head_rows) & (depth < cfg.plan.loops)
@@ -549,12 +554,14 @@ class LoopwiseServer:
     return select_branch(pick, [fill(b) for b in buckets], _lists(cache),
                          (st["h"], st["pos"], depth, skipped))
 
-  def _head_step(self, hr: int, params, st, cache, max_new, sampling, stop_at_eos):
-    """The head for up to ``hr`` waiting slots (rotating priority); with
+  def _head_step(self, hr: int, params, st, cache, order, max_new, sampling,
+                 stop_at_eos):
+    """The head for up to ``hr`` waiting slots (``order``: ``_head_order``,
+    computed once per iteration; rotating priority); with
     ``compact_fill=False`` also the K/V fill of the loops their tokens skipped
     (masked over the bucket; else ``_fill_served`` ran before)."""
     cfg, p = self.cfg, self.slots
-    sel = self._head_order(st)[:hr]
+    sel = order[:hr]
     ok = st["ready"][sel]
     h = st["h"][sel]
     depth = st["loop"][sel] + 1
@@ -603,11 +610,14 @@ class LoopwiseServer:
       n_ready = jnp.minimum(jnp.sum(st["ready"], dtype=jnp.int32), self.head_rows)
       pick = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), n_ready).astype(jnp.int32)
       pick = jnp.where(need, pick, len(buckets))
-      if self.compact_fill and not self._feedback_depths:
-        cache = self._fill_served(params, st, cache, need)
+      order = self._head_order(st)  # once per iteration: the fill and the head share it
+      # (statically absent when every token runs every loop: nothing to fill)
+      if self.compact_fill and not self._feedback_depths and not self._all_loops():
+        cache = self._fill_served(params, st, cache, need, order)
       st, cache = select_branch(
-          pick, [lambda a, b=b: self._head_step(b, params, *a, **static) for b in buckets],
-          (st, _lists(cache)))
+          pick, [lambda a, order, b=b: self._head_step(b, params, *a, order, **static)
+                 for b in buckets],
+          (st, _lists(cache)), (order,))
     if self.lockstep:  # the batch moves on when no row is still computing
       moving = (st["phase"] == DECODE) & ~st["parked"]
       st = dict(st, parked=st["parked"] & jnp.any(moving))
