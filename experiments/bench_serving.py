@@ -213,7 +213,7 @@ def main(_):
       # stream is its slots, requests, prompt and new tokens (and whether
       # loop-wise ran with the default stage).
       key = lambda r: (r["model"], r["scenario"], r["slots"], r["requests"],
-                       r["prompt_len"], r["new_tokens"], r.get("stage_rows") in (None, r["slots"]))
+                       r["prompt_len"], r["new_tokens"], default_stage(r))
       res["rows"] = [r for r in res["rows"] if key(r) != key(row)] + [row]
       print({k: v for k, v in row.items() if k != "runs_s"}, flush=True)
       with open(path, "w") as f:
@@ -221,6 +221,12 @@ def main(_):
   with open(os.path.join(FLAGS.out, "bench_serving.md"), "w") as f:
     f.write(markdown(res))
   print(markdown(res))
+
+
+def default_stage(row) -> bool:
+  """Whether loop-wise ran with its default stage (P rows; rows written before
+  the flag existed did)."""
+  return row.get("stage_rows") in (None, row["slots"])
 
 
 def fastest_ratio(row):
@@ -247,7 +253,7 @@ def markdown(res):
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in res["rows"]:
     probs = "/".join(f"{p:g}" for p in r["depth_probs"])
-    if r.get("stage_rows") not in (None, r["slots"]):
+    if not default_stage(r):
       probs += f"; loop-wise stage_rows={r['stage_rows']}"
     lines.append(
         f"| {r['model']} | {r['scenario']} ({probs}) | {r['slots']} | "
