@@ -148,6 +148,31 @@ def test_native_cache_attention_matches_xla(b, t, hkv, g, s, d, grouped):
     native.set_grouped_attention(was)
 
 
+@needs_compiler
+@pytest.mark.parametrize("b,t,hkv,g,s", [(8, 1, 3, 3, 192), (1, 1, 3, 3, 40), (2, 3, 1, 4, 33)])
+def test_cache_attention_prefetch_does_not_change_results(b, t, hkv, g, s):
+  """The grouped kernel's K/V prefetch (value rows while keys are scored, the
+  next row's keys while values are summed) only moves data: bit-identical."""
+  assert native.load(), native.status()
+  from recursive_lm.kernels.attention import cache_attention
+  from recursive_lm.nn.layers import _attend_flat
+  rng = np.random.default_rng(b * 10 + s)
+  q = jnp.asarray(4 * rng.standard_normal((b * hkv, t * g, 64)), jnp.float32)
+  k = jnp.asarray(4 * rng.standard_normal((b * hkv, s, 64)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((b * hkv, s, 64)), jnp.float32)
+  mask = jnp.asarray(rng.random((b, t, s)) < 0.6)
+  fallback = lambda q, k, v, m: _attend_flat(q, k, v, m, hkv, jnp.float32)
+  f = jax.jit(lambda *a: cache_attention(*a, fallback))
+  was = native.set_attention_prefetch(False)
+  try:
+    ref = np.asarray(f(q, k, v, mask))
+    native.set_attention_prefetch(True)
+    np.testing.assert_array_equal(np.asarray(f(q, k, v, mask)), ref)
+  finally:
+    native.set_attention_prefetch(was)
+  assert was
+
+
 def _check_cache_attention(b, t, hkv, g, s, d):
   from recursive_lm.kernels.attention import cache_attention
   from recursive_lm.nn.layers import _attend_flat

@@ -416,6 +416,33 @@ def test_amx_prefetch_distance_does_not_change_results(rows):
 
 
 @needs_compiler
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 8, 20])
+@pytest.mark.parametrize("out", [1000, 96, 40])
+def test_amx_chunk_prefetch_does_not_change_results(rows, out):
+  """The bf16 AMX path's prefetch across chunk boundaries (into the panel the
+  thread runs next, or nowhere after its last chunk) and of a first chunk's
+  opening bytes only moves data: bit-identical with it off, with 1-32
+  panels (one chunk of 1 panel per thread up to many), at distances short
+  and longer than a panel."""
+  rng = np.random.default_rng(rows + out)
+  x = rng.standard_normal((rows, 576)).astype(np.float32)
+  wb = P.to_bf16_panels(rng.standard_normal((576, out)).astype(np.float32))
+  fb = jax.jit(lambda x, w: P.panel_matmul(x, w, out, use_native=True))
+  was, ahead = native.set_amx_chunk_prefetch(False), native.set_amx_prefetch(8192)
+  try:
+    ref = np.asarray(fb(x, wb))
+    native.set_amx_chunk_prefetch(True)
+    for dist in (64, 8192, 1 << 17):
+      native.set_amx_prefetch(dist)
+      np.testing.assert_array_equal(np.asarray(fb(x, wb)), ref)
+  finally:
+    native.set_amx_chunk_prefetch(bool(was))
+    native.set_amx_prefetch(ahead)
+  assert was == 1
+
+
+@needs_compiler
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_int8_prefetch_distance_does_not_change_results(rows):
   """The int8 FMA path's L2 prefetch only moves data: bit-identical results."""

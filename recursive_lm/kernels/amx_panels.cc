@@ -119,6 +119,12 @@ inline void AmxPanel(const uint16_t* xa, int64_t M, int64_t Kp, int64_t steps, S
   }
 }
 
+// 1: a bf16 call's threads prefetch across their chunk boundaries into the
+// panel each runs next, and prefetch the opening bytes of their first chunk
+// (the default); 0: the prefetch runs on past a chunk's end into the panel
+// that follows it in memory (often another thread's). RecursiveLmAmxChunkPrefetch.
+std::atomic<int> g_amx_chunk_prefetch{1};
+
 // The steps of a panel held in place (paired bf16): full steps from the
 // panel, then, when tail != nullptr, one more step from tail.
 struct InPlaceSteps {
@@ -126,17 +132,40 @@ struct InPlaceSteps {
   int64_t full;
   const uint16_t* tail;
   int64_t ahead;  // prefetch distance in bytes
+  // Where the stream goes on past this panel's end (its first bytes): the
+  // next panel in memory (next == nullptr, redirect false), another panel
+  // (redirect, next != nullptr), or nowhere (redirect, next == nullptr).
+  bool redirect = false;
+  const uint16_t* next = nullptr;
+  int64_t panel_bytes = 0;
   const uint16_t* operator()(int64_t s) const { return s < full ? wp + s * 32 * kPanel : tail; }
-  // The bytes one step (2 KiB) further on in the weight stream (past the
-  // panel's end: the next panel's, which follows it in memory).
-  void Prefetch(int64_t s) const { PrefetchL2(wp + s * 32 * kPanel, ahead, 32 * kPanel * 2); }
+  // The bytes one step (2 KiB) further on in the weight stream.
+  void Prefetch(int64_t s) const {
+    if (ahead <= 0) return;
+    const int64_t off = s * 32 * kPanel * 2 + ahead;
+    if (!redirect || off + 32 * kPanel * 2 <= panel_bytes) {
+      PrefetchL2(wp + s * 32 * kPanel, ahead, 32 * kPanel * 2);
+      return;
+    }
+    for (int64_t o = off; o < off + 32 * kPanel * 2; o += 64) {
+      if (o < panel_bytes) _mm_prefetch((const char*)wp + o, _MM_HINT_T1);
+      else if (next) _mm_prefetch((const char*)next + (o - panel_bytes), _MM_HINT_T1);
+    }
+  }
 };
 
 // Paired bf16 panels [P, K, 32] for panels [p0, p1).
 void AmxBf16Panels(const uint16_t* xa, int64_t M, int64_t K, const uint16_t* w,
-                   float* y, int64_t N, int64_t p0, int64_t p1) {
+                   float* y, int64_t N, int64_t p0, int64_t p1, int64_t next, bool first) {
   const int64_t Kp = (K + 31) / 32 * 32, steps = K / 32;
   const int64_t ahead = g_amx_prefetch_bytes.load(std::memory_order_relaxed);
+  const bool chunked = g_amx_chunk_prefetch.load(std::memory_order_relaxed) != 0;
+  const int64_t panel_bytes = K * kPanel * 2;
+  if (chunked && first && ahead > 0) {  // the bytes the first steps' prefetch skips
+    const char* c = (const char*)(w + p0 * K * kPanel);
+    const int64_t n = ahead < (p1 - p0) * panel_bytes ? ahead : (p1 - p0) * panel_bytes;
+    for (int64_t i = 0; i < n; i += 64) _mm_prefetch(c + i, _MM_HINT_T1);
+  }
   alignas(64) uint16_t tail[16 * 64];
   int shape = -1;
   for (int64_t p = p0; p < p1; ++p) {
@@ -152,6 +181,11 @@ void AmxBf16Panels(const uint16_t* xa, int64_t M, int64_t K, const uint16_t* w,
       }
     }
     InPlaceSteps in_place{wp, steps, has_tail ? tail : nullptr, ahead};
+    if (chunked && p == p1 - 1) {
+      in_place.redirect = true;
+      in_place.next = next >= 0 ? w + next * K * kPanel : nullptr;
+      in_place.panel_bytes = panel_bytes;
+    }
     AmxPanel(xa, M, Kp, steps + has_tail, in_place, y + p * kPanel, N, &shape);
   }
   _tile_release();
@@ -286,6 +320,18 @@ extern "C" int RecursiveLmAmxInit(int64_t bf16_min_rows, int64_t int8_min_rows) 
   (void)bf16_min_rows;
   (void)int8_min_rows;
   return 0;
+#endif
+}
+
+// Turns the bf16 AMX path's prefetch across chunk boundaries on (1) or off (0)
+// for later calls (g_amx_chunk_prefetch); returns the previous setting (-1
+// without AMX code).
+extern "C" int64_t RecursiveLmAmxChunkPrefetch(int64_t on) {
+#if RLM_HAVE_AMX
+  return rlm::g_amx_chunk_prefetch.exchange(on ? 1 : 0);
+#else
+  (void)on;
+  return -1;
 #endif
 }
 

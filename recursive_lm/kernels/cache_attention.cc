@@ -68,7 +68,7 @@ void WeightedRows(const float* p, const float* v, int64_t last, int64_t D, float
 template <int C>
 void AttendOne(const float* q, const float* k, const float* v, const bool* mask,
                float* out, int64_t S, int64_t D, int64_t G, float scale,
-               std::vector<float>& probs) {
+               std::vector<float>& probs, const float*) {
   int64_t last = S;
   while (last > 0 && !mask[last - 1]) --last;
   // No visible slot: uniform over all S slots, which is what a softmax over
@@ -120,10 +120,16 @@ inline float HSum(v16 a) {
 // math in another summation order. At batch 8 the per-head version took
 // ~20% of a bf16 decode step (experiments/profile_decode.py, ffi_call
 // f32[24,3,64]; docs/weight_formats.md).
+//
+// next_k (not null: g_attention_prefetch is on): the keys of the row this
+// thread attends next. While the keys are scored, each visible slot's value
+// row is prefetched into L2, and while the values are summed, the next row's
+// keys are: one thread's K and V reads become one continuous stream instead
+// of a cold start per row and per K/V array.
 template <int C, int G>
 void AttendGroup(const float* q, const float* k, const float* v, const bool* mask,
                  float* out, int64_t S, int64_t D, int64_t, float scale,
-                 std::vector<float>& probs) {
+                 std::vector<float>& probs, const float* next_k) {
   int64_t last = S;
   while (last > 0 && !mask[last - 1]) --last;
   const bool none = last == 0;  // uniform over all S slots, as in AttendOne
@@ -142,6 +148,8 @@ void AttendGroup(const float* q, const float* k, const float* v, const bool* mas
         for (int g = 0; g < G; ++g) pr[g * L + j] = -INFINITY;
         continue;
       }
+      if (next_k)
+        for (int c = 0; c < C; ++c) __builtin_prefetch(v + j * D + 16 * c, 0, 2);
       v16 kj[C];
       for (int c = 0; c < C; ++c) kj[c] = *(const v16u*)(k + j * D + 16 * c);
       for (int g = 0; g < G; ++g) {
@@ -171,6 +179,8 @@ void AttendGroup(const float* q, const float* k, const float* v, const bool* mas
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < C; ++c) acc[g][c] = (v16){};
   for (int64_t j = 0; j < last; ++j) {
+    if (next_k)
+      for (int c = 0; c < C; ++c) __builtin_prefetch(next_k + j * D + 16 * c, 0, 2);
     bool any = false;
     for (int g = 0; g < G; ++g) any |= pr[g * L + j] != 0.f;
     if (!any) continue;  // masked (or underflowed) for every head: not read
@@ -191,8 +201,13 @@ void AttendGroup(const float* q, const float* k, const float* v, const bool* mas
 // timings and tests).
 std::atomic<int> g_attention_grouped{1};
 
+// 1: AttendGroup prefetches a thread's next K/V rows (see there; the
+// default); 0: no software prefetch (RecursiveLmAttentionPrefetch, A/B).
+std::atomic<int> g_attention_prefetch{1};
+
 using AttendFn = void (*)(const float*, const float*, const float*, const bool*, float*,
-                          int64_t, int64_t, int64_t, float, std::vector<float>&);
+                          int64_t, int64_t, int64_t, float, std::vector<float>&,
+                          const float*);
 
 template <int C>
 AttendFn GroupFor(int64_t G) {
@@ -249,12 +264,15 @@ ffi::Error CacheAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   const bool* mp = mask.typed_data();
   float* op = out->typed_data();
   const AttendFn attend = AttendFor(D, G);
-  ParallelFor(pool, N * T, 2, [=](int64_t i0, int64_t i1) {
+  const bool prefetch = g_attention_prefetch.load(std::memory_order_relaxed) != 0;
+  ParallelForAhead(pool, N * T, 2, [=](int64_t i0, int64_t i1, int64_t following, bool) {
     std::vector<float> probs;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t n = i / T, t = i % T, b = n / H;
+      const int64_t after = i + 1 < i1 ? i + 1 : following;  // this thread's next item
+      const float* next_k = prefetch && after >= 0 ? kp + (after / T) * S * D : nullptr;
       attend(qp + (n * TG + t * G) * D, kp + n * S * D, vp + n * S * D,
-                mp + (b * T + t) * S, op + (n * TG + t * G) * D, S, D, G, scale, probs);
+             mp + (b * T + t) * S, op + (n * TG + t * G) * D, S, D, G, scale, probs, next_k);
     }
   });
   return ffi::Error::Success();
@@ -279,4 +297,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecursiveLmCacheAttention, rlm::CacheAttention,
 // returns the previous setting.
 extern "C" int RecursiveLmAttentionGrouped(int on) {
   return rlm::g_attention_grouped.exchange(on ? 1 : 0);
+}
+
+// Turns AttendGroup's K/V prefetch on (1) or off (0) for later calls; returns
+// the previous setting.
+extern "C" int RecursiveLmAttentionPrefetch(int on) {
+  return rlm::g_attention_prefetch.exchange(on ? 1 : 0);
 }

@@ -340,8 +340,8 @@ ffi::Error PanelMatmulBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     const uint16_t* xap = xa.data();
     const uint16_t* wb = reinterpret_cast<const uint16_t*>(w.typed_data());
     float* yp = y->typed_data();
-    ParallelFor(pool, P, 8, [=](int64_t p0, int64_t p1) {
-      AmxBf16Panels(xap, M, K, wb, yp, P * kPanel, p0, p1);
+    ParallelForAhead(pool, P, 8, [=](int64_t p0, int64_t p1, int64_t next, bool first) {
+      AmxBf16Panels(xap, M, K, wb, yp, P * kPanel, p0, p1, next, first);
     });
     return ffi::Error::Success();
   }

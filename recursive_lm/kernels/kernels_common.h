@@ -89,6 +89,41 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t chunks_per_thread, Fn
   while (state->done.load(std::memory_order_acquire) < n) CpuRelax();
 }
 
+// As ParallelFor, but each thread claims its next chunk before it runs the
+// current one: fn(i0, i1, next, first) gets the start of the chunk this thread
+// runs next (-1: none) and whether [i0, i1) is its first chunk of the call, so
+// a streaming kernel can prefetch across its chunk boundary into the bytes it
+// will read next (not into a chunk another thread may take).
+template <typename Fn>
+void ParallelForAhead(ffi::ThreadPool& pool, int64_t n, int64_t chunks_per_thread, Fn fn) {
+  if (n <= 0) return;
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    int64_t n, chunk;
+    Fn fn;
+    State(int64_t n, int64_t chunk, Fn fn) : n(n), chunk(chunk), fn(fn) {}
+    void Run() {
+      int64_t i0 = next.fetch_add(1, std::memory_order_relaxed) * chunk;
+      for (bool first = true; i0 < n; first = false) {
+        const int64_t i1 = i0 + chunk < n ? i0 + chunk : n;
+        const int64_t following = next.fetch_add(1, std::memory_order_relaxed) * chunk;
+        fn(i0, i1, following < n ? following : -1, first);
+        done.fetch_add(i1 - i0, std::memory_order_release);
+        i0 = following;
+      }
+    }
+  };
+  const int64_t threads = pool.num_threads() > 0 ? pool.num_threads() : 1;
+  const int64_t chunk = n / (threads * chunks_per_thread) > 0
+                            ? n / (threads * chunks_per_thread) : 1;
+  auto state = std::make_shared<State>(n, chunk, fn);
+  const int64_t helpers = threads - 1 < n - 1 ? threads - 1 : n - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([state]() { state->Run(); });
+  state->Run();
+  while (state->done.load(std::memory_order_acquire) < n) CpuRelax();
+}
+
 // f32 activations [M, K] -> bf16 (nearest even) [M, Kp], zero padded to Kp.
 void PaddedBf16(const float* x, int64_t M, int64_t K, int64_t Kp, std::vector<uint16_t>& out);
 
@@ -100,8 +135,13 @@ extern std::atomic<int64_t> g_amx_min_rows_int8;
 #if RLM_HAVE_AMX
 // Paired bf16 panels [P, K, 32], panels [p0, p1): y[M, N] (columns of those
 // panels) = xa (bf16 activations [M, Kp], PaddedBf16) @ W.
+// next: the panel this thread runs after p1 - 1 (-1: none), first: whether p0
+// is its first panel of the call (ParallelForAhead): the weight prefetch runs
+// on from the range's end into panel next, and a first range's opening bytes
+// are prefetched at its start (g_amx_chunk_prefetch; off: the prefetch runs
+// on into panel p1 whoever reads it, and nothing is prefetched at the start).
 void AmxBf16Panels(const uint16_t* xa, int64_t M, int64_t K, const uint16_t* w,
-                   float* y, int64_t N, int64_t p0, int64_t p1);
+                   float* y, int64_t N, int64_t p0, int64_t p1, int64_t next, bool first);
 // int8 panels [P, K, 32] with per-column scales, widened to bf16 on the fly.
 void AmxInt8Panels(const uint16_t* xa, int64_t M, int64_t K, const int8_t* w,
                    const float* scale, float* y, int64_t N, int64_t p0, int64_t p1);

@@ -207,6 +207,15 @@ def set_amx_prefetch(nbytes: int) -> int:
   return _set_prefetch("RecursiveLmAmxPrefetch", nbytes)
 
 
+def set_amx_chunk_prefetch(enabled: bool) -> int:
+  """bf16 AMX calls: each thread's weight prefetch runs on across its chunk
+  boundary into the panel it reads next, and its first chunk's opening bytes
+  are prefetched (True, the default), or the prefetch runs on into whatever
+  panel follows in memory (False), for later calls; bit-identical results.
+  Returns the previous setting (1/0; -1 without AMX code or kernels)."""
+  return _set_prefetch("RecursiveLmAmxChunkPrefetch", 1 if enabled else 0)
+
+
 def set_int8_prefetch(nbytes: int) -> int:
   """Sets how far ahead (bytes) the int8 FMA path prefetches the weight stream
   into L2 (0: none; default 8 KiB) for later calls; returns the previous one
@@ -221,6 +230,16 @@ def set_grouped_attention(enabled: bool) -> bool:
   if not load():
     return False
   return bool(_state["lib"].RecursiveLmAttentionGrouped(1 if enabled else 0))
+
+
+def set_attention_prefetch(enabled: bool) -> bool:
+  """Grouped cache attention: each thread prefetches the value rows it will
+  sum and the next row's keys into L2 (the default), or no software prefetch,
+  for later calls; bit-identical results. Returns the previous setting (False
+  without the kernels)."""
+  if not load():
+    return False
+  return bool(_state["lib"].RecursiveLmAttentionPrefetch(1 if enabled else 0))
 
 
 def amx() -> bool:
