@@ -120,10 +120,13 @@ inline void AmxPanel(const uint16_t* xa, int64_t M, int64_t Kp, int64_t steps, S
 }
 
 // 1: a bf16 call's threads prefetch across their chunk boundaries into the
-// panel each runs next, and prefetch the opening bytes of their first chunk
-// (the default); 0: the prefetch runs on past a chunk's end into the panel
-// that follows it in memory (often another thread's). RecursiveLmAmxChunkPrefetch.
-std::atomic<int> g_amx_chunk_prefetch{1};
+// panel each runs next, and prefetch the opening bytes of their first chunk;
+// 0 (the default): the prefetch runs on past a chunk's end into the panel
+// that follows it in memory (often another thread's), as before. Off by
+// default: on the chained matmuls of one step it measured 1-2% faster in two
+// holds of the exclusive lock and 4-9% slower in a third
+// (docs/weight_formats.md, perf15d). RecursiveLmAmxChunkPrefetch.
+std::atomic<int> g_amx_chunk_prefetch{0};
 
 // The steps of a panel held in place (paired bf16): full steps from the
 // panel, then, when tail != nullptr, one more step from tail.

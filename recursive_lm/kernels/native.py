@@ -210,8 +210,9 @@ def set_amx_prefetch(nbytes: int) -> int:
 def set_amx_chunk_prefetch(enabled: bool) -> int:
   """bf16 AMX calls: each thread's weight prefetch runs on across its chunk
   boundary into the panel it reads next, and its first chunk's opening bytes
-  are prefetched (True, the default), or the prefetch runs on into whatever
-  panel follows in memory (False), for later calls; bit-identical results.
+  are prefetched (True), or the prefetch runs on into whatever panel follows
+  in memory (False, the default: the A/B was not conclusive), for later
+  calls; bit-identical results.
   Returns the previous setting (1/0; -1 without AMX code or kernels)."""
   return _set_prefetch("RecursiveLmAmxChunkPrefetch", 1 if enabled else 0)
 
