@@ -131,7 +131,7 @@ def main(_):
           f"| {o.steps} | {o.head_calls} | {o.prefill_passes} |")
   say("\nper call (ms): run minus the variant without the piece, over its calls")
   for sname in FLAGS.servers:
-    o = outs[(sname, "served")]
+    o = outs.get((sname, "served")) or next(v for k, v in outs.items() if k[0] == sname)
     full = med.get((sname, "served"))
     calls = {"fill": o.head_calls, "head": o.head_calls, "block": o.steps,
              "prefill": o.prefill_passes}
