@@ -53,6 +53,11 @@ flags.DEFINE_integer("chunk", 32, "Prefill chunk.")
 flags.DEFINE_integer("head_rows", 0, "Head rows of loop-wise serving (0: default).")
 flags.DEFINE_integer("stage_rows", -1, "Stage rows of loop-wise serving (-1: default "
                      "P; 0: refills prefilled in place, no stage).")
+flags.DEFINE_string("weights", "f32", "Weight format of both servers (f32, bf16 or "
+                    "int8 panels; decode.engine's ``weights``).")
+flags.DEFINE_bool("ab_block", False, "Also time loop-wise with the block on every slot "
+                  "(block_buckets=(P,)) in the same interleaved runs: the A/B of the "
+                  "block row buckets.")
 flags.DEFINE_integer("repeats", 3, "Interleaved timed repeats (median).")
 flags.DEFINE_integer("seed", 0, "Depth and prompt seed.")
 flags.DEFINE_bool("append", False, "Add rows to an existing bench_serving.json (a row "
@@ -162,12 +167,15 @@ def main(_):
     for scenario in FLAGS.scenarios:
       rule = rule_for(scenario, n, FLAGS.seed)
       kw = dict(slots=FLAGS.slots, exit=rule, prefill_chunk=FLAGS.chunk,
-                kernel_layout="panel", fuse=True, eos_id=None)
+                kernel_layout="panel", fuse=True, eos_id=None, weights=FLAGS.weights)
       hr = {"head_rows": FLAGS.head_rows} if FLAGS.head_rows else {}
       if FLAGS.stage_rows >= 0:
         hr["stage_rows"] = FLAGS.stage_rows
       servers = {"loop-wise": cls(cfg, params, lockstep=False, **kw, **hr),
                  "lockstep": cls(cfg, params, lockstep=True, **kw)}
+      if FLAGS.ab_block:
+        servers["loop-wise, block on every slot"] = cls(
+            cfg, params, lockstep=False, block_buckets=(FLAGS.slots,), **kw, **hr)
       run = lambda s: s.generate(prompts, FLAGS.new_tokens, stop_at_eos=False)
       outs = {}
       for k, s in servers.items():
@@ -191,7 +199,8 @@ def main(_):
       ideal = rule.ideal_ratio(FLAGS.slots)
       ideal_f = flops_ideal(cfg, rule, FLAGS.slots)
       ideal_e = flops_ideal(cfg, rule, FLAGS.slots, FLAGS.prompt_len, FLAGS.new_tokens)
-      row = {"model": name, "scenario": scenario, "date": time.strftime("%Y-%m-%d %H:%M"), "depth_probs": rule.probs,
+      row = {"model": name + ("" if FLAGS.weights == "f32" else f", {FLAGS.weights} weights"),
+             "weights": FLAGS.weights, "scenario": scenario, "date": time.strftime("%Y-%m-%d %H:%M"), "depth_probs": rule.probs,
              "slots": FLAGS.slots, "requests": FLAGS.requests,
              "prompt_len": FLAGS.prompt_len, "new_tokens": FLAGS.new_tokens,
              "loopwise_tps": tps["loop-wise"], "lockstep_tps": tps["lockstep"],
@@ -209,6 +218,12 @@ def main(_):
              "head_rows": servers["loop-wise"].head_rows,
              "stage_rows": servers["loop-wise"].stage_rows,
              "runs_s": {k: [o.seconds for o in v] for k, v in outs.items()}}
+      if FLAGS.ab_block:
+        c = outs["loop-wise, block on every slot"][-1]
+        row.update(full_block_tps=tps["loop-wise, block on every slot"],
+                   full_block_ratio=tps["loop-wise, block on every slot"] / tps["lockstep"],
+                   full_block_identical_tokens=c.tokens == a.tokens and c.loops == a.loops,
+                   block_buckets=list(servers["loop-wise"].block_buckets))
       # A rerun of a (model, depths, stream) row replaces the earlier one; a
       # stream is its slots, requests, prompt and new tokens (and whether
       # loop-wise ran with the default stage).

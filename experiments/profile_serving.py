@@ -41,6 +41,9 @@ flags.DEFINE_list("variants", ["served", "no_fill", "no_head", "no_block", "no_p
                                "none_of_them"], "Variants to run.")
 flags.DEFINE_list("lockstep_variants", ["served", "none_of_them"],
                   "Variants of the lockstep server.")
+flags.DEFINE_list("head_sweep", [], "Instead of the serving variants: time the LM head "
+                  "alone (final norm, head, argmax; jitted) on these row counts, for f32 "
+                  "and bf16 panel weights (median of 15 calls), e.g. 1,4,8,16,32.")
 flags.DEFINE_string("lock", "/tmp/rlm_cpu.lock", "Lock file ('' : none).")
 flags.DEFINE_string("out", "results", "Folder for profile_serving.json.")
 
@@ -67,6 +70,37 @@ def variant_class(base, name):
   return Variant
 
 
+def head_sweep(cfg0, params0, rows, lock):
+  """ms per head call (median of 15) for each row count, f32 and bf16 panels."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from recursive_lm.decode import depth as D
+  from recursive_lm.nn.model import decode_layout
+  fns = {}
+  for w in ("f32", "bf16"):
+    cfg, params = decode_layout(cfg0, params0, "panel", True, weights=w)
+    f = jax.jit(lambda p, h, cfg=cfg: jnp.argmax(D.head(cfg, p, h), -1))
+    for r in rows:
+      h = jnp.asarray(np.random.default_rng(r).standard_normal((r, cfg.d_model)), jnp.float32)
+      f(params, h).block_until_ready()  # compile
+      fns[(w, r)] = (f, params, h)
+  if lock:
+    fcntl.flock(lock, fcntl.LOCK_UN)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+  out = {}
+  for (w, r), (f, params, h) in fns.items():
+    ts = []
+    for _ in range(15):
+      t0 = time.perf_counter()
+      f(params, h).block_until_ready()
+      ts.append(time.perf_counter() - t0)
+    out[(w, r)] = 1e3 * statistics.median(ts)
+  if lock:
+    fcntl.flock(lock, fcntl.LOCK_UN)
+  return out
+
+
 def main(_):
   lock = open(FLAGS.lock, "a+") if FLAGS.lock else None
   if lock:
@@ -82,6 +116,30 @@ def main(_):
   cfg, params = convert(ck.config, ck.weights, loops=FLAGS.loops)
   params = jax.tree_util.tree_map(jnp.asarray, dict(params))
   n = FLAGS.loops
+  if FLAGS.head_sweep:
+    rows = [int(r) for r in FLAGS.head_sweep]
+    ms = head_sweep(cfg, params, rows, lock)
+    md = [f"# LM head cost per call\n\n{time.strftime('%Y-%m-%d %H:%M')}: "
+          f"`python {' '.join(sys.argv)}`\n",
+          "SmolLM2-135M (49152 x 576 tied head), panel layout, jitted final norm + head + "
+          "argmax, median of 15 calls, exclusive hold\n",
+          "| rows | " + " | ".join(str(r) for r in rows) + " |",
+          "|---|" + "---|" * len(rows)]
+    for w in ("f32", "bf16"):
+      md.append(f"| {w} ms | " + " | ".join(f"{ms[(w, r)]:.2f}" for r in rows) + " |")
+    print("\n".join(md))
+    os.makedirs(FLAGS.out, exist_ok=True)
+    # appended to the serving profile (run it after the variants)
+    with open(os.path.join(FLAGS.out, "profile_serving.md"), "a") as f:
+      f.write("\n" + "\n".join(md).replace("# LM head", "## LM head") + "\n")
+    path = os.path.join(FLAGS.out, "profile_serving.json")
+    res = json.load(open(path)) if os.path.exists(path) else []
+    res.append(dict(command="python " + " ".join(sys.argv),
+                    date=time.strftime("%Y-%m-%d %H:%M"), head_ms={
+                        f"{w} {r}": v for (w, r), v in ms.items()}))
+    with open(path, "w") as f:
+      json.dump(res, f, indent=1)
+    return
   name = f"SmolLM2-135M cycle {cfg.plan.prelude}+{cfg.plan.block}x{n}+{cfg.plan.coda}"
   rule = (ForcedDepth.exit_after(n, n, 1.0) if FLAGS.scenario == "none" else
           ForcedDepth.exit_after(2, 1, 0.5) if n == 2 else ForcedDepth.uniform(n))
@@ -131,7 +189,7 @@ def main(_):
           f"| {o.steps} | {o.head_calls} | {o.prefill_passes} |")
   say("\nper call (ms): run minus the variant without the piece, over its calls")
   for sname in FLAGS.servers:
-    o = outs[(sname, "served")]
+    o = outs.get((sname, "served")) or next(v for k, v in outs.items() if k[0] == sname)
     full = med.get((sname, "served"))
     calls = {"fill": o.head_calls, "head": o.head_calls, "block": o.steps,
              "prefill": o.prefill_passes}

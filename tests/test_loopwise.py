@@ -132,3 +132,17 @@ def test_bench_serving_quick(tmp_path):
   assert [r["scenario"] for r in rows] == ["none", "varied"]
   assert all(r["identical_tokens"] for r in rows)
   assert "| loop-wise tok/s |" in (tmp_path / "bench_serving.md").read_text()
+
+
+def test_block_row_buckets_equal_every_slot(model):
+  """The block on a small row bucket of the busy slots (the drain tail) gives
+  the tokens and schedule of the block on every slot; with the XLA depth read too."""
+  cfg, params = model
+  rule = ForcedDepth.uniform(3, seed=5)
+  full = LoopwiseServer(cfg, params, slots=4, exit=rule, block_buckets=(4,))
+  small = LoopwiseServer(cfg, params, slots=4, exit=rule, block_buckets=(1, 2, 3))
+  assert full.block_buckets == (4,) and small.block_buckets == (1, 2, 3, 4)
+  assert LoopwiseServer(cfg, params, slots=4, lockstep=True).block_buckets == (4,)
+  a, b = full.generate(PROMPTS, N_NEW), small.generate(PROMPTS, N_NEW)
+  assert a.tokens == b.tokens and a.loops == b.loops
+  assert (a.steps, a.active_slot_steps) == (b.steps, b.active_slot_steps)

@@ -89,6 +89,19 @@ def _put(x: Array, idx: Array, val) -> Array:
   return x.at[idx].set(jnp.asarray(val).astype(x.dtype), mode="drop")
 
 
+def _distinct_buffers(tree):
+  """``tree`` with every array leaf its own buffer (a donated argument may not
+  hold one buffer twice; the initial state shares its zero vectors)."""
+  seen = set()
+
+  def own(x):
+    if id(x) in seen:
+      return jnp.array(x, copy=True)
+    seen.add(id(x))
+    return x
+  return jax.tree_util.tree_map(own, tree)
+
+
 def _eighths(slots: int, top: int) -> tuple[int, ...]:
   """Static bucket sizes: the multiples of slots/8 (at least 1), capped at top."""
   step = max(slots // 8, 1)
@@ -118,6 +131,9 @@ class LoopwiseServer:
     kernel_layout, fuse: decode weight layout, as for ``Engine``.
     compact_fill: the skipped-loop K/V fill projects only the rows that
       skipped (static buckets of P/8); False: every head-bucket row, masked.
+    block_buckets: static row counts of one block loop (the smallest that
+      holds the busy slots runs; loop-wise default multiples of P/4, lockstep
+      just P); (P,): every slot every step.
   """
 
   def __init__(self, cfg: ModelConfig, params, slots: int = 8, exit=None,
@@ -126,7 +142,7 @@ class LoopwiseServer:
                prefill_rows: Sequence[int] | None = None, head_rows: int | None = None,
                kernel_layout: str | None = None, fuse: bool = False, weights: str = "f32",
                stage_rows: int | None = None, head_buckets: Sequence[int] | None = None,
-               compact_fill: bool = True):
+               compact_fill: bool = True, block_buckets: Sequence[int] | None = None):
     check_recursive(cfg, "depth-wise batching" if not lockstep else
                     "the sequence-wise early-exit baseline")
     if slots < 1:
@@ -179,6 +195,15 @@ class LoopwiseServer:
     # head bucket, masked).
     self.compact_fill = bool(compact_fill)
     self.fill_buckets = _eighths(p, self.head_rows)
+    # Block row buckets (loop-wise): the block's matmuls run on the smallest of
+    # these that holds the busy slots (the drain tail of a stream). Lockstep
+    # runs every slot (the sequence-wise baseline: every row of the batch
+    # steps until its deepest row is done).
+    if block_buckets is None:
+      block_buckets = (p,) if lockstep else tuple(sorted({max(p * i // 4, 1)
+                                                           for i in range(1, 5)}))
+    self.block_buckets = tuple(sorted({min(max(int(b), 1), p) for b in block_buckets}
+                                      | {p}))
 
   def _fixed_depth(self) -> bool:
     if isinstance(self.exit, ForcedDepth):
@@ -206,7 +231,7 @@ class LoopwiseServer:
     return (type(self), self.cfg, self.slots, self.exit if not self._emit_now else
             self.exit.measure, self.lockstep, self.eos_id, self.pad_id, self.chunk,
             self.prefill_rows, self.head_rows, self.stage_rows, self.head_buckets,
-            self.compact_fill)
+            self.compact_fill, self.block_buckets)
 
   def __hash__(self):
     return hash(self._static_key())
@@ -424,6 +449,16 @@ class LoopwiseServer:
     token), the next P requests are prefilled in place in the pool, one pass
     of P rows per chunk, as in lockstep: staging them would copy every cache
     row from the stage into the pool (only with ``stage_rows == P``)."""
+    # Most iterations have nothing to refill (no free slot, the stage full or
+    # the queue served): one predicate skips all of it (a 0/1-trip loop).
+    stage_empty = ~jnp.any(st["s_live"]) & (st["head"] < st["n_req"])
+    work = jnp.any(st["phase"] == FREE) | stage_empty
+    if self.stage_rows == self.slots:
+      work = work | jnp.any(st["phase"] == PREFILL)
+    return when(work, lambda c: self._refill_staged_now(params, *c, **static),
+                (st, _lists(cache)))
+
+  def _refill_staged_now(self, params, st, cache, **static):
     if self.stage_rows == self.slots:
       direct = (~jnp.any(st["s_live"]) & jnp.all(st["phase"] == FREE)
                 & (st["head"] < st["n_req"]))
@@ -432,7 +467,8 @@ class LoopwiseServer:
     st, cache = self._admit_staged(st, cache)
     empty = ~jnp.any(st["s_live"]) & (st["head"] < st["n_req"])
     st = when(empty, lambda st: self._stage_fill(params, st, **static), st)
-    return self._admit_staged(st, cache)
+    st, cache = self._admit_staged(st, cache)
+    return st, _lists(cache)
 
   # -- 3. one loop for every decoding slot -------------------------------------
   _feedback_depths = False  # MoR records the depth of the fed-back token
@@ -478,8 +514,35 @@ class LoopwiseServer:
                       stop_at_eos), cache
 
   def _block_loop(self, params, loop, h, pos, block_cache, go):
-    """One loop of the shared block per row (a method: profiles replace it)."""
-    return B.block_loop(self.cfg, params, loop, h, pos, block_cache, go)
+    """One loop of the shared block per row (a method: profiles replace it).
+
+    The block runs on the smallest static row bucket (``block_buckets``) that
+    holds the slots in ``go``, gathered (their states; the cache is read and
+    written in place): when few slots are busy (the drain at the end of a
+    stream) the block's matmuls run on those rows only. 0/1-trip loops pick
+    the bucket (``decode.inplace``); the full bucket runs every slot."""
+    cfg, p = self.cfg, self.slots
+    if self.block_buckets == (p,):
+      return B.block_loop(cfg, params, loop, h, pos, block_cache, go)
+    buckets = self.block_buckets
+    n = jnp.sum(go, dtype=jnp.int32)
+    pick = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), n).astype(jnp.int32)
+
+    def run(b):
+      def fn(carry, loop, h, pos, go):
+        out, blk = carry
+        if b == p:
+          hb, blk = B.block_loop(cfg, params, loop, h, pos, blk, go)
+          return hb.astype(out.dtype), tuple(blk)
+        rows = jnp.nonzero(go, size=b, fill_value=p)[0].astype(jnp.int32)
+        at = jnp.minimum(rows, p - 1)
+        hb, blk = B.block_loop(cfg, params, loop[at], h[at], pos[at], blk,
+                               go[at] & (rows < p), rows)
+        return out.at[rows].set(hb.astype(out.dtype), mode="drop"), tuple(blk)
+      return fn
+
+    return select_branch(pick, [run(b) for b in buckets],
+                         (h, tuple(tuple(kv) for kv in block_cache)), (loop, h, pos, go))
 
   # -- 4. emission -------------------------------------------------------------
   def _emit(self, st, sel_ok, sel, logits, depth, max_new, sampling, stop_at_eos):
@@ -623,7 +686,10 @@ class LoopwiseServer:
       st = dict(st, parked=st["parked"] & jnp.any(moving))
     return dict(st, iters=st["iters"] + 1), _lists(cache)
 
-  @functools.partial(jax.jit, static_argnums=0,
+  # The state and the caches are donated: the loop then updates the caller's
+  # buffers in place instead of first copying every cache tensor (one copy of
+  # the pool, and of the stage, per run).
+  @functools.partial(jax.jit, static_argnums=0, donate_argnums=(2, 3),
                      static_argnames=("max_new", "sampling", "stop_at_eos"))
   def _serve(self, params, st, cache, threshold, max_iters, max_new, sampling,
              stop_at_eos):
@@ -660,6 +726,7 @@ class LoopwiseServer:
     if self.stage_rows:
       st["stage"] = init_cache(self.cfg, self.stage_rows, s)
     threshold = jnp.float32(self.exit.threshold if self._emit_now else math.inf)
+    st, cache = _distinct_buffers((st, cache))  # both are donated
     st, _ = self._serve(self.params, st, cache, threshold,
                         jnp.asarray(np.iinfo(np.int32).max, jnp.int32),
                         max_new=max_new_tokens, sampling=sampling, stop_at_eos=stop_at_eos)

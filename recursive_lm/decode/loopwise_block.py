@@ -80,19 +80,41 @@ def _flat_rows(loop: Array, p: int, hkv: int) -> Array:
   return (loop[:, None] * p + b[:, None]) * hkv + jnp.arange(hkv, dtype=jnp.int32)[None]
 
 
-def _attend(cfg: ModelConfig, q: Array, ck: Array, cv: Array, loop: Array, pos: Array):
-  """q [P, 1, H, Dh] over block cache [N, P, Hkv, S, Dh] at depth loop[b], slots <= pos[b]."""
+def _attend(cfg: ModelConfig, q: Array, ck: Array, cv: Array, loop: Array, pos: Array,
+            rows: Array | None = None):
+  """q [R, 1, H, Dh] of slots ``rows`` [R] (default: every slot, R = P; slot P:
+  padding) over block cache [N, P, Hkv, S, Dh] at depth loop[r], slots <= pos[r].
+  Returns [R, H*Dh]."""
+  n, p, hkv, s, dh = ck.shape
+  r, _, h, _ = q.shape
+  dt = jnp.dtype(cfg.dtype)
+  slots = jnp.arange(s, dtype=jnp.int32)
+  visible = slots[None, :] <= pos[:, None]                                  # [R, S]
+  if not native_depth_attention(cfg):
+    at = jnp.arange(p) if rows is None else jnp.minimum(rows, p - 1)
+    mask = visible[:, None, None, None, :]
+    out = L.attend_cache(q, ck[loop, at], cv[loop, at], mask, dt)       # [R, 1, H*Dh]
+    return out.reshape(r, h * dh)                                         # as the native path
+  if rows is not None:
+    # The R rows' queries at their slots of a P-row query; every other slot
+    # sees only slot 0 of each depth (the native kernel reads a row's slots
+    # only up to its last visible one), so the cache is read in place.
+    q = jnp.zeros((p,) + q.shape[1:], q.dtype).at[rows].set(q, mode="drop")
+    loop_p = jnp.zeros((p,), loop.dtype).at[rows].set(loop, mode="drop")
+    visible = jnp.broadcast_to(slots == 0, (p, s)).at[rows].set(visible, mode="drop")
+    out = _attend_all(cfg, q, ck, cv, loop_p, visible)
+    return out[jnp.minimum(rows, p - 1)]
+  return _attend_all(cfg, q, ck, cv, loop, visible)
+
+
+def _attend_all(cfg: ModelConfig, q: Array, ck: Array, cv: Array, loop: Array,
+                visible: Array):
+  """The native all-depth read for every slot: q [P, 1, H, Dh], visible [P, S]."""
   n, p, hkv, s, dh = ck.shape
   h = q.shape[2]
   g = h // hkv
   dt = jnp.dtype(cfg.dtype)
   slots = jnp.arange(s, dtype=jnp.int32)
-  visible = slots[None, :] <= pos[:, None]                                  # [P, S]
-  if not native_depth_attention(cfg):
-    rows = jnp.arange(p)
-    mask = visible[:, None, None, None, :]
-    out = L.attend_cache(q, ck[loop, rows], cv[loop, rows], mask, dt)   # [P, 1, H*Dh]
-    return out.reshape(p, h * dh)                                         # as the native path
   own = jnp.arange(n, dtype=jnp.int32)[:, None] == loop[None, :]            # [N, P]
   mask = jnp.where(own[:, :, None], visible[None], (slots == 0)[None, None])  # [N, P, S]
   qf = q.reshape(p, hkv, g, dh).reshape(1, p * hkv, g, dh)
@@ -104,22 +126,29 @@ def _attend(cfg: ModelConfig, q: Array, ck: Array, cv: Array, loop: Array, pos: 
   return jnp.take_along_axis(out, loop[None, :, None], axis=0)[0]          # [P, H*Dh]
 
 
-def _write_slot(c: Array, new: Array, loop: Array, slot: Array) -> Array:
-  """c [N, P, Hkv, S, Dh] <- new [P, Hkv, Dh] at (loop[b], b, :, slot[b]); slot S: none."""
+def _write_slot(c: Array, new: Array, loop: Array, slot: Array,
+                rows: Array | None = None) -> Array:
+  """c [N, P, Hkv, S, Dh] <- new [R, Hkv, Dh] at (loop[r], rows[r], :, slot[r])
+  (``rows`` default: every slot, R = P); slot S: none."""
   n, p, hkv, s, dh = c.shape
-  rows = _flat_rows(loop, p, hkv)
+  if rows is None:
+    rows = _flat_rows(loop, p, hkv)
+  else:
+    rows = (loop[:, None] * p + jnp.minimum(rows, p - 1)[:, None]) * hkv + jnp.arange(
+        hkv, dtype=jnp.int32)[None]
   flat = c.reshape(n * p * hkv, s, dh)
   flat = flat.at[rows, slot[:, None]].set(new.astype(c.dtype), mode="drop")
   return flat.reshape(c.shape)
 
 
 def block_loop(cfg: ModelConfig, params, loop: Array, h: Array, pos: Array,
-               block_cache, write: Array):
-  """One loop of the shared block for every row at its own ``loop`` [P].
+               block_cache, write: Array, rows: Array | None = None):
+  """One loop of the shared block for every row at its own ``loop`` [R].
 
-  h [P, D] at positions pos [P]; rows with ``write`` False write no KV (their
-  output is to be discarded). Returns (h [P, D], block cache)."""
-  p = h.shape[0]
+  h [R, D] at positions pos [R]; rows with ``write`` False write no KV (their
+  output is to be discarded). ``rows`` [R]: the cache slots of the R rows (a
+  subset of the P slots, e.g. the busy ones; slot P: padding, write False);
+  default every slot, R = P. Returns (h [R, D], block cache)."""
   hq, hkv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   s = block_cache[0][0].shape[3]
   cos, sin = L.rope_cos_sin(cfg.rope, cfg.head_dim, pos[:, None])
@@ -131,10 +160,10 @@ def block_loop(cfg: ModelConfig, params, loop: Array, h: Array, pos: Array,
     lora = D._loop_lora(cfg, params, k, loop) or {}  # pylint: disable=protected-access
     q, kk, vv = _QKV(cfg).apply({"params": lp["attn"]}, _norm(cfg, lp["attn_norm"], x),
                                 cos, sin, lora)
-    ck = _write_slot(block_cache[k][0], kk[:, 0], loop, slot)
-    cv = _write_slot(block_cache[k][1], vv[:, 0], loop, slot)
+    ck = _write_slot(block_cache[k][0], kk[:, 0], loop, slot, rows)
+    cv = _write_slot(block_cache[k][1], vv[:, 0], loop, slot, rows)
     new_cache.append((ck, cv))
-    a = _attend(cfg, q, ck, cv, loop, pos)[:, None]
+    a = _attend(cfg, q, ck, cv, loop, pos, rows)[:, None]
     x = x + _linear(cfg, cfg.d_model, (L.HEADS, L.EMBED), lp["attn"]["o"], a,
                     lora.get("o")).astype(x.dtype)
     m = L.SwiGLU(cfg).apply({"params": lp["mlp"]}, _norm(cfg, lp["mlp_norm"], x), lora)
