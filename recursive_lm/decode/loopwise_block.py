@@ -74,9 +74,10 @@ def native_depth_attention(cfg: ModelConfig) -> bool:
   return jnp.dtype(cfg.dtype) == jnp.float32 and native.load()
 
 
-def _flat_rows(loop: Array, p: int, hkv: int) -> Array:
-  """Rows of the flat [N*P*Hkv, S, Dh] view holding (loop[b], b, h): [P, Hkv]."""
-  b = jnp.arange(p, dtype=jnp.int32)
+def _flat_rows(loop: Array, p: int, hkv: int, slots: Array | None = None) -> Array:
+  """Rows of the flat [N*P*Hkv, S, Dh] view holding (loop[r], slots[r], h):
+  [R, Hkv] (``slots`` default: every slot, R = P; slot P: clipped to P - 1)."""
+  b = jnp.arange(p, dtype=jnp.int32) if slots is None else jnp.minimum(slots, p - 1)
   return (loop[:, None] * p + b[:, None]) * hkv + jnp.arange(hkv, dtype=jnp.int32)[None]
 
 
@@ -131,13 +132,9 @@ def _write_slot(c: Array, new: Array, loop: Array, slot: Array,
   """c [N, P, Hkv, S, Dh] <- new [R, Hkv, Dh] at (loop[r], rows[r], :, slot[r])
   (``rows`` default: every slot, R = P); slot S: none."""
   n, p, hkv, s, dh = c.shape
-  if rows is None:
-    rows = _flat_rows(loop, p, hkv)
-  else:
-    rows = (loop[:, None] * p + jnp.minimum(rows, p - 1)[:, None]) * hkv + jnp.arange(
-        hkv, dtype=jnp.int32)[None]
+  flat_rows = _flat_rows(loop, p, hkv, rows)
   flat = c.reshape(n * p * hkv, s, dh)
-  flat = flat.at[rows, slot[:, None]].set(new.astype(c.dtype), mode="drop")
+  flat = flat.at[flat_rows, slot[:, None]].set(new.astype(c.dtype), mode="drop")
   return flat.reshape(c.shape)
 
 

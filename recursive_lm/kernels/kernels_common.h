@@ -55,13 +55,15 @@ inline uint32_t RoundToBf16Bits(float f) {
   return u & 0xffff0000u;
 }
 
-// Runs fn(i0, i1) over [0, n) in chunks, on the calling thread and XLA's
-// intra-op pool. Chunks go to whoever is free (an atomic counter), so a pool
-// thread that is slow to wake costs nothing. The state is held by shared_ptr:
-// a pool task that starts after the call returned finds no chunk left and
-// touches nothing else.
-template <typename Fn>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t chunks_per_thread, Fn fn) {
+// The chunked work sharing behind ParallelFor and ParallelForAhead: [0, n) in
+// chunks, on the calling thread and XLA's intra-op pool. Chunks go to whoever
+// is free (an atomic counter), so a pool thread that is slow to wake costs
+// nothing. The state is held by shared_ptr: a pool task that starts after the
+// call returned finds no chunk left and touches nothing else. kAhead: each
+// thread claims its next chunk before it runs the current one, and fn gets
+// (i0, i1, next, first) (ParallelForAhead); else fn(i0, i1).
+template <bool kAhead, typename Fn>
+void ParallelChunks(ffi::ThreadPool& pool, int64_t n, int64_t chunks_per_thread, Fn fn) {
   if (n <= 0) return;
   struct State {
     std::atomic<int64_t> next{0};
@@ -69,13 +71,21 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t chunks_per_thread, Fn
     int64_t n, chunk;
     Fn fn;
     State(int64_t n, int64_t chunk, Fn fn) : n(n), chunk(chunk), fn(fn) {}
+    int64_t Claim() { return next.fetch_add(1, std::memory_order_relaxed) * chunk; }
     void Run() {
-      for (;;) {
-        const int64_t i0 = next.fetch_add(1, std::memory_order_relaxed) * chunk;
-        if (i0 >= n) return;
+      int64_t i0 = Claim();
+      for (bool first = true; i0 < n; first = false) {
         const int64_t i1 = i0 + chunk < n ? i0 + chunk : n;
-        fn(i0, i1);
-        done.fetch_add(i1 - i0, std::memory_order_release);
+        if constexpr (kAhead) {
+          const int64_t following = Claim();
+          fn(i0, i1, following < n ? following : -1, first);
+          done.fetch_add(i1 - i0, std::memory_order_release);
+          i0 = following;
+        } else {
+          fn(i0, i1);
+          done.fetch_add(i1 - i0, std::memory_order_release);
+          i0 = Claim();
+        }
       }
     }
   };
@@ -89,6 +99,12 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t chunks_per_thread, Fn
   while (state->done.load(std::memory_order_acquire) < n) CpuRelax();
 }
 
+// Runs fn(i0, i1) over [0, n) in chunks (ParallelChunks).
+template <typename Fn>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t chunks_per_thread, Fn fn) {
+  ParallelChunks<false>(pool, n, chunks_per_thread, fn);
+}
+
 // As ParallelFor, but each thread claims its next chunk before it runs the
 // current one: fn(i0, i1, next, first) gets the start of the chunk this thread
 // runs next (-1: none) and whether [i0, i1) is its first chunk of the call, so
@@ -96,32 +112,7 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t chunks_per_thread, Fn
 // will read next (not into a chunk another thread may take).
 template <typename Fn>
 void ParallelForAhead(ffi::ThreadPool& pool, int64_t n, int64_t chunks_per_thread, Fn fn) {
-  if (n <= 0) return;
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    int64_t n, chunk;
-    Fn fn;
-    State(int64_t n, int64_t chunk, Fn fn) : n(n), chunk(chunk), fn(fn) {}
-    void Run() {
-      int64_t i0 = next.fetch_add(1, std::memory_order_relaxed) * chunk;
-      for (bool first = true; i0 < n; first = false) {
-        const int64_t i1 = i0 + chunk < n ? i0 + chunk : n;
-        const int64_t following = next.fetch_add(1, std::memory_order_relaxed) * chunk;
-        fn(i0, i1, following < n ? following : -1, first);
-        done.fetch_add(i1 - i0, std::memory_order_release);
-        i0 = following;
-      }
-    }
-  };
-  const int64_t threads = pool.num_threads() > 0 ? pool.num_threads() : 1;
-  const int64_t chunk = n / (threads * chunks_per_thread) > 0
-                            ? n / (threads * chunks_per_thread) : 1;
-  auto state = std::make_shared<State>(n, chunk, fn);
-  const int64_t helpers = threads - 1 < n - 1 ? threads - 1 : n - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([state]() { state->Run(); });
-  state->Run();
-  while (state->done.load(std::memory_order_acquire) < n) CpuRelax();
+  ParallelChunks<true>(pool, n, chunks_per_thread, fn);
 }
 
 // f32 activations [M, K] -> bf16 (nearest even) [M, Kp], zero padded to Kp.
