@@ -443,6 +443,34 @@ def test_amx_chunk_prefetch_does_not_change_results(rows, out):
 
 
 @needs_compiler
+@pytest.mark.parametrize("rows", [1, 3, 8, 20])
+def test_bf16_dot_prefetch_distance_does_not_change_results(rows):
+  """The bf16 dot-product path's L2 prefetch (AMX off; past a panel's end and
+  past the weights' end on the last panel) only moves data: bit-identical
+  results at every distance, odd K included."""
+  assert native.load(), native.status()
+  rng = np.random.default_rng(rows)
+  for k in (576, 575):
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    wb = P.to_bf16_panels(rng.standard_normal((k, 1000)).astype(np.float32))
+    fb = jax.jit(lambda x, w: P.panel_matmul(x, w, 1000, use_native=True))
+    amx_was = native.amx()
+    native.set_amx(False)
+    was = native.set_bf16_prefetch(0)
+    try:
+      ref = np.asarray(fb(x, wb))
+      for ahead in (64, 8192, 1 << 20):
+        native.set_bf16_prefetch(ahead)
+        np.testing.assert_array_equal(np.asarray(fb(x, wb)), ref)
+    finally:
+      native.set_bf16_prefetch(was)
+      native.set_amx(amx_was)
+    assert was == 8192
+    np.testing.assert_allclose(ref, _bf16_round(x) @ _plain(wb, 1000), rtol=1e-4,
+                               atol=1e-4 * np.sqrt(k))
+
+
+@needs_compiler
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_int8_prefetch_distance_does_not_change_results(rows):
   """The int8 FMA path's L2 prefetch only moves data: bit-identical results."""

@@ -179,10 +179,20 @@ inline v16 AsFloat(v16w b) {
 
 
 
+// The non-AMX bf16 path prefetches the weight stream this many bytes ahead
+// into L2 (prefetcht1, both 64-byte lines of each input-row pair; 0: none), as
+// the int8 and AMX paths do; read once per call (RecursiveLmBf16Prefetch).
+std::atomic<int64_t> g_bf16_prefetch_bytes{8192};
+
+inline void PrefetchL2(const void* p, int64_t ahead) {
+  if (ahead > 0) __builtin_prefetch((const char*)p + ahead, 0, 2);  // t1
+}
+
 struct Bf16Panels {
   F32Panels out;          // x (bf16-rounded, as f32), y, K, N
   const uint32_t* pairs;  // [M, K/2]: (x[2j] | x[2j+1] << 16) in bf16
   const uint16_t* w;      // [P, K, 32], paired as above
+  int64_t ahead;          // L2 prefetch distance in bytes (0: none)
   template <int R>
   void Run(int64_t r0, int64_t p) const {
     const int64_t K = out.K, H = K / 2;
@@ -196,6 +206,8 @@ struct Bf16Panels {
     auto step = [&](int a, int64_t j) {
       PrefetchAhead(wp + j * 2 * kPanel);
       PrefetchAhead(wp + j * 2 * kPanel + kPanel);
+      PrefetchL2(wp + j * 2 * kPanel, ahead);
+      PrefetchL2(wp + j * 2 * kPanel + kPanel, ahead);
       const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp + j * 2 * kPanel);
       const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wp + j * 2 * kPanel + kPanel);
       for (int r = 0; r < R; ++r) {
@@ -210,6 +222,8 @@ struct Bf16Panels {
     auto step = [&](int a, int64_t j) {
       PrefetchAhead(wp + j * 2 * kPanel);
       PrefetchAhead(wp + j * 2 * kPanel + kPanel);
+      PrefetchL2(wp + j * 2 * kPanel, ahead);
+      PrefetchL2(wp + j * 2 * kPanel + kPanel, ahead);
       const v16w wa = *(const v16wu*)(wp + j * 2 * kPanel);
       const v16w wb = *(const v16wu*)(wp + j * 2 * kPanel + kPanel);
       const v16 a0 = AsFloat(wa << 16), a1 = AsFloat(wa & high);
@@ -358,7 +372,8 @@ ffi::Error PanelMatmulBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       pairs[m * H + j] = (FloatBits(rounded[m * K + 2 * j]) >> 16) |
                          (FloatBits(rounded[m * K + 2 * j + 1]) & 0xffff0000u);
   const Bf16Panels kern{{rounded.data(), nullptr, y->typed_data(), K, P * kPanel},
-                        pairs.data(), w.typed_data()};
+                        pairs.data(), w.typed_data(),
+                        g_bf16_prefetch_bytes.load(std::memory_order_relaxed)};
   ParallelFor(pool, P, 8, [=](int64_t p0, int64_t p1) { Panels(kern, M, p0, p1); });
   return ffi::Error::Success();
 }
@@ -404,4 +419,10 @@ extern "C" int RecursiveLmBf16DotProducts() {
 // calls; returns the previous one.
 extern "C" int64_t RecursiveLmInt8Prefetch(int64_t bytes) {
   return rlm::g_int8_prefetch_bytes.exchange(bytes < 0 ? 0 : bytes);
+}
+
+// Sets the non-AMX bf16 path's L2 prefetch distance in bytes (0: none) for
+// later calls; returns the previous one.
+extern "C" int64_t RecursiveLmBf16Prefetch(int64_t bytes) {
+  return rlm::g_bf16_prefetch_bytes.exchange(bytes < 0 ? 0 : bytes);
 }

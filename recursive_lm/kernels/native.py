@@ -224,6 +224,14 @@ def set_int8_prefetch(nbytes: int) -> int:
   return _set_prefetch("RecursiveLmInt8Prefetch", nbytes)
 
 
+def set_bf16_prefetch(nbytes: int) -> int:
+  """Sets how far ahead (bytes) the bf16 dot-product path (no AMX: AVX-512
+  BF16 or widening) prefetches the weight stream into L2 (0: none; default
+  8 KiB) for later calls; bit-identical results. Returns the previous one (-1
+  without the kernels)."""
+  return _set_prefetch("RecursiveLmBf16Prefetch", nbytes)
+
+
 def set_grouped_attention(enabled: bool) -> bool:
   """Cache attention: all query heads of a group at once (each K/V row read
   once; the default) or one head at a time, for later calls; returns the
