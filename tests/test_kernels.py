@@ -273,3 +273,36 @@ def test_materialize_is_a_copy_and_a_fusion_barrier():
     decode_ops.MATERIALIZE = was
   np.testing.assert_array_equal(cos, cos0)
   np.testing.assert_array_equal(sin, sin0)
+
+
+@needs_compiler
+def test_embed_rows_bf16_equals_the_gather_and_reads_no_whole_table_copy():
+  """decode_ops.embed_rows: the rows of a bf16 table as f32, bit-equal to the
+  XLA gather (negative ids count from the end, ids outside give NaN rows, as
+  jnp.take), under jit and vmap; the compiled call has no whole-table op."""
+  from recursive_lm.kernels import decode_ops
+  rng = np.random.default_rng(0)
+  table = jnp.asarray(rng.standard_normal((50, 24)), jnp.bfloat16)
+
+  def xla(t, ids):
+    return jnp.take(t, ids, axis=0).astype(jnp.float32)
+
+  ids = jnp.asarray([[0, 49, 7], [-1, -50, 3]], jnp.int32)
+  f = jax.jit(lambda t, i: decode_ops.embed_rows(t, i, xla))
+  text = f.lower(table, ids).as_text()
+  assert native.EMBED_ROWS_BF16 in text and "50x24xf32" not in text
+  got = np.asarray(f(table, ids))
+  assert got.shape == (2, 3, 24) and got.dtype == np.float32
+  np.testing.assert_array_equal(got, np.asarray(xla(table, ids)))
+  bad = np.asarray(f(table, jnp.asarray([50, -51, 2], jnp.int32)))
+  assert np.isnan(bad[:2]).all() and not np.isnan(bad[2]).any()
+  np.testing.assert_array_equal(bad[2], np.asarray(table[2], np.float32))
+  np.testing.assert_array_equal(jax.jit(jax.vmap(f, in_axes=(None, 0)))(table, ids),
+                                np.asarray(xla(table, ids)))
+  was = decode_ops.NATIVE_EMBED
+  decode_ops.NATIVE_EMBED = False
+  try:
+    assert native.EMBED_ROWS_BF16 not in jax.jit(
+        lambda t, i: decode_ops.embed_rows(t, i, xla)).lower(table, ids).as_text()
+  finally:
+    decode_ops.NATIVE_EMBED = was

@@ -4,7 +4,14 @@
 // * recursive_lm_materialize: a copy of an f32 array. XLA cannot fuse through
 //   a custom call, so a value that goes through it is computed once: the RoPE
 //   tables (nn/layers.py rope_cos_sin), which XLA otherwise recomputes (cos and
-//   sin per element) inside every head's and layer's RoPE fusion.
+//   sin per element) inside every head's and layer's RoPE fusion;
+// * recursive_lm_embed_rows_bf16: rows of a bf16 table [V, D] for int32 ids
+//   [...], widened to f32 [..., D] (exact). XLA:CPU gathers a bf16 table in
+//   f32 (a whole-table conversion), and a gather of its uint16 bits still
+//   copies the whole table (56 MB for SmolLM2's embedding) once per call of
+//   a jitted decode loop; this reads only the B rows a step embeds. Ids are
+//   taken as jnp.take takes them: negative ids count from the end, ids still
+//   outside [0, V) give a row of NaN (take's fill for bf16).
 //
 // XLA:CPU runs the same reduction (decode/sampling.py: a max, then the least
 // index that equals it) as two fusions over the logits, ~0.85 ms per step at
@@ -76,6 +83,35 @@ ffi::Error Materialize(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out)
   return ffi::Error::Success();
 }
 
+ffi::Error EmbedRowsBf16(ffi::Buffer<ffi::BF16> table, ffi::Buffer<ffi::S32> ids,
+                         ffi::ResultBuffer<ffi::F32> out) {
+  const auto td = table.dimensions();
+  if (td.size() != 2 || out->element_count() != ids.element_count() * td[1]) {
+    return ffi::Error::InvalidArgument(
+        "recursive_lm_embed_rows_bf16: expected table [V, D], ids [...], out [..., D]");
+  }
+  const int64_t V = td[0], D = td[1], n = (int64_t)ids.element_count();
+  const uint16_t* t = reinterpret_cast<const uint16_t*>(table.typed_data());
+  const int32_t* ip = ids.typed_data();
+  float* op = out->typed_data();
+  const uint32_t nan_bits = 0x7fc00000u;
+  for (int64_t r = 0; r < n; ++r) {
+    int64_t id = ip[r];
+    if (id < 0) id += V;
+    float* o = op + r * D;
+    if (id < 0 || id >= V) {
+      for (int64_t d = 0; d < D; ++d) __builtin_memcpy(o + d, &nan_bits, sizeof(float));
+      continue;
+    }
+    const uint16_t* row = t + id * D;
+    for (int64_t d = 0; d < D; ++d) {
+      const uint32_t b = (uint32_t)row[d] << 16;
+      __builtin_memcpy(o + d, &b, sizeof(float));
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace rlm
 
@@ -90,4 +126,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecursiveLmArgmax, rlm::Argmax,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RecursiveLmMaterialize, rlm::Materialize,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecursiveLmEmbedRowsBf16, rlm::EmbedRowsBf16,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

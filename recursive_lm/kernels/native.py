@@ -45,9 +45,10 @@ TARGETS = {"recursive_lm_panel_matmul": "RecursiveLmPanelMatmul",
            "recursive_lm_panel_matmul_bf16": "RecursiveLmPanelMatmulBf16",
            "recursive_lm_panel_matmul_int8": "RecursiveLmPanelMatmulInt8",
            "recursive_lm_argmax": "RecursiveLmArgmax",
-           "recursive_lm_materialize": "RecursiveLmMaterialize"}
+           "recursive_lm_materialize": "RecursiveLmMaterialize",
+           "recursive_lm_embed_rows_bf16": "RecursiveLmEmbedRowsBf16"}
 (PANEL_MATMUL, CACHE_ATTENTION, PANEL_MATMUL_BF16, PANEL_MATMUL_INT8, ARGMAX,
- MATERIALIZE) = TARGETS
+ MATERIALIZE, EMBED_ROWS_BF16) = TARGETS
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 # Extra compiler flags, e.g. "-mno-avx512bf16" to build the bf16 kernel's
 # widening path on a CPU with AVX-512 BF16 (tests); part of the cache key.

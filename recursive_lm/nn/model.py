@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recursive_lm.config import ConfigError, ModelConfig
+from recursive_lm.kernels import decode_ops
 from recursive_lm.kernels.panel import to_panels
 from recursive_lm.nn import layers as L
 from recursive_lm.nn import mor_block
@@ -152,9 +153,16 @@ class Transformer(nn.Module):
       # out of the decode loop as a 113 MB f32 copy written on every generate
       # (and XLA's CPU backend does the same for a bf16 gather, which it runs
       # in f32), so the rows are gathered as 16-bit integers.
-      bits = jax.lax.bitcast_convert_type(table, jnp.uint16)
-      rows = jax.lax.bitcast_convert_type(jnp.take(bits, tokens, axis=0), table.dtype)
-      return rows.astype(self.cfg.dtype)
+      # On CPU a bf16 table goes through one native call that reads only the
+      # rows (the uint16 gather still copies the whole table once per call of
+      # a jitted decode loop).
+      def gather(table, tokens):
+        bits = jax.lax.bitcast_convert_type(table, jnp.uint16)
+        rows = jax.lax.bitcast_convert_type(jnp.take(bits, tokens, axis=0), table.dtype)
+        return rows.astype(self.cfg.dtype)
+      if jnp.dtype(self.cfg.dtype) == jnp.float32:
+        return decode_ops.embed_rows(table, tokens, gather)
+      return gather(table, tokens)
     return self.embed(tokens)
 
   def head(self, h):
