@@ -146,3 +146,29 @@ def test_block_row_buckets_equal_every_slot(model):
   a, b = full.generate(PROMPTS, N_NEW), small.generate(PROMPTS, N_NEW)
   assert a.tokens == b.tokens and a.loops == b.loops
   assert (a.steps, a.active_slot_steps) == (b.steps, b.active_slot_steps)
+
+
+def test_deferred_fill_equals_immediate_fill(model):
+  """The skipped-loop fill one iteration late, two iterations per call (the
+  loop-wise default) gives the tokens and schedule of the immediate fill in
+  fewer fill calls; a server that never fills gives other tokens (so the
+  comparison sees a missing or misplaced fill)."""
+  cfg, params = model
+  outs = []
+  for rule in (ForcedDepth.uniform(3, seed=1), ForcedDepth((0.5, 0.0, 0.5), seed=6)):
+    late = LoopwiseServer(cfg, params, slots=3, exit=rule)
+    now = LoopwiseServer(cfg, params, slots=3, exit=rule, defer_fill=False)
+    assert late.defer_fill and not now.defer_fill
+    assert not LoopwiseServer(cfg, params, slots=3, exit=rule, lockstep=True).defer_fill
+    a, b = late.generate(PROMPTS, N_NEW), now.generate(PROMPTS, N_NEW)
+    assert a.tokens == b.tokens and a.loops == b.loops
+    assert (a.steps, a.head_calls) == (b.steps, b.head_calls)
+    assert 0 < late.last_fill_calls < now.last_fill_calls
+    outs.append(a)
+
+  class NoFill(LoopwiseServer):
+    def _fill_served(self, params, st, cache, need, order):
+      return st, cache
+  rule = ForcedDepth.uniform(3, seed=1)
+  c = NoFill(cfg, params, slots=3, exit=rule).generate(PROMPTS, N_NEW)
+  assert c.loops == outs[0].loops and c.tokens != outs[0].tokens

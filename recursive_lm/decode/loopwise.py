@@ -134,6 +134,12 @@ class LoopwiseServer:
     block_buckets: static row counts of one block loop (the smallest that
       holds the busy slots runs; loop-wise default multiples of P/4, lockstep
       just P); (P,): every slot every step.
+    defer_fill: (loop-wise, ``compact_fill``) the skipped-loop K/V of the
+      tokens emitted in one iteration may wait one iteration and be filled
+      together with the next iteration's (one fill call per two iterations,
+      twice the rows): the next token of a slot reads a skipped loop's K/V
+      two iterations after its token was emitted at the earliest. Default on
+      in loop-wise; lockstep fills once per token (nothing to pair).
   """
 
   def __init__(self, cfg: ModelConfig, params, slots: int = 8, exit=None,
@@ -142,7 +148,8 @@ class LoopwiseServer:
                prefill_rows: Sequence[int] | None = None, head_rows: int | None = None,
                kernel_layout: str | None = None, fuse: bool = False, weights: str = "f32",
                stage_rows: int | None = None, head_buckets: Sequence[int] | None = None,
-               compact_fill: bool = True, block_buckets: Sequence[int] | None = None):
+               compact_fill: bool = True, block_buckets: Sequence[int] | None = None,
+               defer_fill: bool | None = None):
     check_recursive(cfg, "depth-wise batching" if not lockstep else
                     "the sequence-wise early-exit baseline")
     if slots < 1:
@@ -195,6 +202,13 @@ class LoopwiseServer:
     # head bucket, masked).
     self.compact_fill = bool(compact_fill)
     self.fill_buckets = _eighths(p, self.head_rows)
+    # Deferred fills: a pending iteration's rows (at most head_rows) and the
+    # current one's, in static buckets of multiples of P/4 up to twice that.
+    if defer_fill is None:
+      defer_fill = not lockstep
+    self.defer_fill = bool(defer_fill) and self.compact_fill and not lockstep
+    self.defer_buckets = tuple(sorted({min(b, 2 * self.head_rows) for b in range(
+        max(p // 4, 1), 2 * self.head_rows + max(p // 4, 1), max(p // 4, 1))}))
     # Block row buckets (loop-wise): the block's matmuls run on the smallest of
     # these that holds the busy slots (the drain tail of a stream). Lockstep
     # runs every slot (the sequence-wise baseline: every row of the batch
@@ -231,7 +245,7 @@ class LoopwiseServer:
     return (type(self), self.cfg, self.slots, self.exit if not self._emit_now else
             self.exit.measure, self.lockstep, self.eos_id, self.pad_id, self.chunk,
             self.prefill_rows, self.head_rows, self.stage_rows, self.head_buckets,
-            self.compact_fill, self.block_buckets)
+            self.compact_fill, self.block_buckets, self.defer_fill)
 
   def __hash__(self):
     return hash(self._static_key())
@@ -253,7 +267,17 @@ class LoopwiseServer:
         h=jnp.zeros((p, self.cfg.d_model), jnp.dtype(self.cfg.dtype)),
         ready=zb, parked=zb, final=zb, seed=jnp.asarray(seed, jnp.int32),
         steps=zero, busy=zero, head_calls=zero, prefill_passes=zero, iters=zero,
-        **self._init_stage())
+        fill_calls=zero, **self._init_stage(), **self._init_pending())
+
+  def _init_pending(self):
+    """Skipped-loop fills waiting one iteration (``defer_fill``): per slot the
+    exit state, position, depth and request of its last emitted token."""
+    if not self.defer_fill:
+      return {}
+    p = self.slots
+    zi = jnp.zeros((p,), jnp.int32)
+    return dict(f_h=jnp.zeros((p, self.cfg.d_model), jnp.dtype(self.cfg.dtype)),
+                f_pos=zi, f_depth=zi, f_rid=zi - 1, f_pend=jnp.zeros((p,), bool))
 
   def _init_stage(self):
     """The staging area of staged refills (no entries when not staged); its
@@ -596,11 +620,14 @@ class LoopwiseServer:
     rows are projected, gathered into the smallest static fill bucket that
     holds them (multiples of P/8; 0/1-trip loops). The inputs reach the fill
     as operands (``decode.inplace``), so no projection is hoisted out of it to
-    run when no row skipped."""
+    run when no row skipped. With ``defer_fill`` (``_fill_deferred``) this
+    iteration's rows may wait one iteration. Returns (state, cache)."""
     cfg, p = self.cfg, self.slots
     rank = jnp.zeros((p,), jnp.int32).at[order].set(jnp.arange(p, dtype=jnp.int32))
     depth = st["loop"] + 1
     skipped = need & st["ready"] & (rank < self.head_rows) & (depth < cfg.plan.loops)
+    if self.defer_fill:
+      return self._fill_deferred(params, st, cache, skipped, depth)
     buckets = self.fill_buckets
     n = jnp.sum(skipped, dtype=jnp.int32)
     pick = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), n).astype(jnp.int32)
@@ -614,8 +641,55 @@ class LoopwiseServer:
         return B.fill_kv(cfg, params, c, j, h[j], pos[j], depth[j], ok & skipped[j])
       return fn
 
-    return select_branch(pick, [fill(b) for b in buckets], _lists(cache),
-                         (st["h"], st["pos"], depth, skipped))
+    cache = select_branch(pick, [fill(b) for b in buckets], _lists(cache),
+                          (st["h"], st["pos"], depth, skipped))
+    return dict(st, fill_calls=st["fill_calls"] + (n > 0).astype(jnp.int32)), cache
+
+  def _fill_deferred(self, params, st, cache, skipped, depth):
+    """The skipped-loop fill one iteration late, two iterations per call.
+
+    A token emitted in iteration t starts its successor at loop 0 in t + 1;
+    the successor reads loop >= 1 (and the coda) in t + 2 at the earliest, so
+    the K/V its predecessor skipped may be written after t + 1's block. Rows
+    pending from the previous iteration (whose slot still serves the same
+    request: a finished request's last K/V is never read, and a slot that
+    took a new request must not be written) are filled now together with this
+    iteration's rows; when none is pending, this iteration's rows wait
+    instead. One call then serves two iterations' rows, which halves the
+    fill's per-call cost (its K/V weights read once per call, its 2 x layers
+    small ops); the rows and values written are those of the immediate fill."""
+    cfg, p = self.cfg, self.slots
+    pend = st["f_pend"] & (st["rid"] == st["f_rid"]) & (st["phase"] == DECODE)
+    now = jnp.any(pend)
+    cur = skipped & now
+    h2 = jnp.concatenate([st["f_h"], st["h"].astype(st["f_h"].dtype)])
+    pos2 = jnp.concatenate([st["f_pos"], st["pos"]])
+    dep2 = jnp.concatenate([st["f_depth"], depth])
+    ok2 = jnp.concatenate([pend, cur])
+    slot2 = jnp.concatenate([jnp.arange(p, dtype=jnp.int32)] * 2)
+    buckets = self.defer_buckets
+    n = jnp.sum(ok2, dtype=jnp.int32)
+    pick = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), n).astype(jnp.int32)
+    pick = jnp.where(n > 0, pick, len(buckets))
+
+    def fill(b):
+      def fn(c, h2, pos2, dep2, ok2):
+        i = jnp.nonzero(ok2, size=b, fill_value=2 * p)[0].astype(jnp.int32)
+        ok = i < 2 * p
+        i = jnp.minimum(i, 2 * p - 1)
+        return B.fill_kv(cfg, params, c, slot2[i], h2[i], pos2[i], dep2[i], ok & ok2[i])
+      return fn
+
+    cache = select_branch(pick, [fill(b) for b in buckets], _lists(cache),
+                          (h2, pos2, dep2, ok2))
+    wait = skipped & ~now
+    st = dict(st, f_pend=wait, f_h=jnp.where(wait[:, None], st["h"], st["f_h"]).astype(
+                  st["f_h"].dtype),
+              f_pos=jnp.where(wait, st["pos"], st["f_pos"]),
+              f_depth=jnp.where(wait, depth, st["f_depth"]),
+              f_rid=jnp.where(wait, st["rid"], -1),
+              fill_calls=st["fill_calls"] + (n > 0).astype(jnp.int32))
+    return st, cache
 
   def _head_step(self, hr: int, params, st, cache, order, max_new, sampling,
                  stop_at_eos):
@@ -676,7 +750,7 @@ class LoopwiseServer:
       order = self._head_order(st)  # once per iteration: the fill and the head share it
       # (statically absent when every token runs every loop: nothing to fill)
       if self.compact_fill and not self._feedback_depths and not self._all_loops():
-        cache = self._fill_served(params, st, cache, need, order)
+        st, cache = self._fill_served(params, st, cache, need, order)
       st, cache = select_branch(
           pick, [lambda a, order, b=b: self._head_step(b, params, *a, order, **static)
                  for b in buckets],
@@ -730,9 +804,11 @@ class LoopwiseServer:
     st, _ = self._serve(self.params, st, cache, threshold,
                         jnp.asarray(np.iinfo(np.int32).max, jnp.int32),
                         max_new=max_new_tokens, sampling=sampling, stop_at_eos=stop_at_eos)
-    keys = ("out_tok", "out_dep", "out_n", "steps", "busy", "head_calls", "prefill_passes")
-    out_tok, out_dep, out_n, steps, busy, heads, passes = jax.device_get(
+    keys = ("out_tok", "out_dep", "out_n", "steps", "busy", "head_calls", "prefill_passes",
+            "fill_calls")
+    out_tok, out_dep, out_n, steps, busy, heads, passes, fills = jax.device_get(
         tuple(st[k] for k in keys))
+    self.last_fill_calls = int(fills)  # skipped-loop fill calls of this run
     seconds = time.perf_counter() - t0
     n = len(prompts)
     return BatchOutput([out_tok[i, :out_n[i]].tolist() for i in range(n)],
