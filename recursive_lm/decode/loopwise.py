@@ -22,7 +22,8 @@ whole serving run is one ``lax.while_loop`` on the device; each iteration:
    embedding + prelude, slots at their last loop the coda;
 4. **emits**: slots whose token is complete are gathered into the smallest
    static *head bucket* that holds them (``head_buckets``, default multiples
-   of P/8, chosen by 0/1-trip ``while_loop``s: ``decode.inplace``, no
+   of P/8 in whole 8-row groups of the native matmul, ``ROW_GROUP``; chosen
+   by 0/1-trip ``while_loop``s: ``decode.inplace``, no
    conditional that copies the cache) and the LM head runs on that bucket,
    so the 49k-vocabulary head costs per emitted token, not per slot and step
    (``head_rows`` caps the bucket; slots beyond it wait a step, rotating). Tokens that stopped before the last loop get the K/V of the
@@ -102,9 +103,25 @@ def _distinct_buffers(tree):
   return jax.tree_util.tree_map(own, tree)
 
 
+# The native panel matmul computes rows in groups of 8; a group of fewer rows
+# (the last of a call whose row count is not a multiple of 8) splits each sum
+# over more accumulator chains, so its rows differ from the same rows in a
+# full group by float rounding (kernels/cpu_kernels.cc, Chains<R>). Buckets in
+# multiples of 8 rows keep every row of the head and the fill in a full group,
+# as in lockstep's full-pool calls: the per-row results, and the tokens, are
+# then bitwise those of lockstep (bf16 panels round activations, so a rounding
+# difference upstream would change a token; measured on an AVX-512 CPU without
+# AMX).
+ROW_GROUP = 8
+
+
 def _eighths(slots: int, top: int) -> tuple[int, ...]:
-  """Static bucket sizes: the multiples of slots/8 (at least 1), capped at top."""
+  """Static bucket sizes: the multiples of slots/8 (at least 1), rounded up to
+  whole row groups of the native kernel (``ROW_GROUP``) when the pool holds at
+  least two, capped at top."""
   step = max(slots // 8, 1)
+  if slots >= 2 * ROW_GROUP:
+    step = -(-step // ROW_GROUP) * ROW_GROUP
   return tuple(sorted({min(b, top) for b in range(step, top + step, step)}))
 
 
@@ -124,13 +141,14 @@ class LoopwiseServer:
       token rows per pass, and P; (P,) in lockstep.
     head_rows: most slots the head serves per step (default P: none waits).
     head_buckets: static row counts of the head (the smallest that holds the
-      waiting slots runs); default multiples of P/8 up to head_rows, or just
+      waiting slots runs); default multiples of P/8 (whole 8-row groups from
+      P = 16 on: ``ROW_GROUP``) up to head_rows, or just
       head_rows in lockstep or when every token has the same depth.
     stage_rows: rows of the refill stage (loop-wise; default P); 0 prefills
       refills in place in the slots (passes of ``prefill_rows``).
     kernel_layout, fuse: decode weight layout, as for ``Engine``.
     compact_fill: the skipped-loop K/V fill projects only the rows that
-      skipped (static buckets of P/8); False: every head-bucket row, masked.
+      skipped (static buckets as the head's); False: every head-bucket row, masked.
     block_buckets: static row counts of one block loop (the smallest that
       holds the busy slots runs; loop-wise default multiples of P/4, lockstep
       just P); (P,): every slot every step.
@@ -207,8 +225,7 @@ class LoopwiseServer:
     if defer_fill is None:
       defer_fill = not lockstep
     self.defer_fill = bool(defer_fill) and self.compact_fill and not lockstep
-    self.defer_buckets = tuple(sorted({min(b, 2 * self.head_rows) for b in range(
-        max(p // 4, 1), 2 * self.head_rows + max(p // 4, 1), max(p // 4, 1))}))
+    self.defer_buckets = _eighths(2 * p, 2 * self.head_rows)
     # Block row buckets (loop-wise): the block's matmuls run on the smallest of
     # these that holds the busy slots (the drain tail of a stream). Lockstep
     # runs every slot (the sequence-wise baseline: every row of the batch
@@ -618,7 +635,7 @@ class LoopwiseServer:
     """K/V of the skipped loops (state copying) for the tokens the head serves
     this iteration (``need``) that stopped before the last loop: only those
     rows are projected, gathered into the smallest static fill bucket that
-    holds them (multiples of P/8; 0/1-trip loops). The inputs reach the fill
+    holds them (multiples of P/8 in whole row groups; 0/1-trip loops). The inputs reach the fill
     as operands (``decode.inplace``), so no projection is hoisted out of it to
     run when no row skipped. With ``defer_fill`` (``_fill_deferred``) this
     iteration's rows may wait one iteration. Returns (state, cache)."""
@@ -657,7 +674,9 @@ class LoopwiseServer:
     iteration's rows; when none is pending, this iteration's rows wait
     instead. One call then serves two iterations' rows, which halves the
     fill's per-call cost (its K/V weights read once per call, its 2 x layers
-    small ops); the rows and values written are those of the immediate fill."""
+    small ops); the rows written are those of the immediate fill, their
+    values too (each row in a whole 8-row group of the native matmul in both,
+    ``ROW_GROUP``)."""
     cfg, p = self.cfg, self.slots
     pend = st["f_pend"] & (st["rid"] == st["f_rid"]) & (st["phase"] == DECODE)
     now = jnp.any(pend)
