@@ -188,3 +188,13 @@ def test_buckets_are_whole_row_groups(model):
   assert srv.block_buckets == (8, 16, 24, 32)
   assert _eighths(64, 64) == tuple(range(8, 72, 8))
   assert _eighths(8, 8) == tuple(range(1, 9)) and _eighths(4, 4) == (1, 2, 3, 4)
+
+
+def test_low_bit_weights_run_the_block_on_every_slot(model):
+  """bf16/int8 weights: no block row buckets by default (their last-bit
+  differences become other tokens once activations are rounded)."""
+  cfg, params = model
+  rule = ForcedDepth.uniform(3, seed=1)
+  assert LoopwiseServer(cfg, params, slots=8, exit=rule, kernel_layout="panel",
+                        weights="bf16").block_buckets == (8,)
+  assert LoopwiseServer(cfg, params, slots=8, exit=rule).block_buckets == (2, 4, 6, 8)

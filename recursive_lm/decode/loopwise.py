@@ -150,8 +150,8 @@ class LoopwiseServer:
     compact_fill: the skipped-loop K/V fill projects only the rows that
       skipped (static buckets as the head's); False: every head-bucket row, masked.
     block_buckets: static row counts of one block loop (the smallest that
-      holds the busy slots runs; loop-wise default multiples of P/4, lockstep
-      just P); (P,): every slot every step.
+      holds the busy slots runs; loop-wise default multiples of P/4 with f32
+      weights, else, and in lockstep, just P); (P,): every slot every step.
     defer_fill: (loop-wise, ``compact_fill``) the skipped-loop K/V of the
       tokens emitted in one iteration may wait one iteration and be filled
       together with the next iteration's (one fill call per two iterations,
@@ -230,9 +230,16 @@ class LoopwiseServer:
     # these that holds the busy slots (the drain tail of a stream). Lockstep
     # runs every slot (the sequence-wise baseline: every row of the batch
     # steps until its deepest row is done).
+    # With bf16/int8 weights the block runs on every slot too: its row buckets
+    # gave one request of 64 another token from its 112th on (2 loops, 16 +
+    # 128, bf16 panels, this AVX-512 CPU without AMX; the matmuls of whole
+    # 8-row groups are bitwise those of the full pool, so the difference is in
+    # the XLA ops at 8-24 rows), where the block on every slot gave lockstep's
+    # tokens; activations rounded to bf16 turn a last-bit difference into a
+    # token. f32 keeps the buckets (the drain tail's saving).
     if block_buckets is None:
-      block_buckets = (p,) if lockstep else tuple(sorted({max(p * i // 4, 1)
-                                                           for i in range(1, 5)}))
+      block_buckets = ((p,) if lockstep or weights != "f32" else
+                       tuple(sorted({max(p * i // 4, 1) for i in range(1, 5)})))
     self.block_buckets = tuple(sorted({min(max(int(b), 1), p) for b in block_buckets}
                                       | {p}))
 
