@@ -108,10 +108,10 @@ def _distinct_buffers(tree):
 # over more accumulator chains, so its rows differ from the same rows in a
 # full group by float rounding (kernels/cpu_kernels.cc, Chains<R>). Buckets in
 # multiples of 8 rows keep every row of the head and the fill in a full group,
-# as in lockstep's full-pool calls: the per-row results, and the tokens, are
-# then bitwise those of lockstep (bf16 panels round activations, so a rounding
-# difference upstream would change a token; measured on an AVX-512 CPU without
-# AMX).
+# as in lockstep's full-pool calls: their per-row results are then bitwise
+# those of lockstep (bf16 panels round activations, so a rounding difference
+# upstream can change a token; measured on an AVX-512 CPU without AMX, where
+# main's bf16 rows gave other tokens than lockstep).
 ROW_GROUP = 8
 
 
@@ -221,7 +221,8 @@ class LoopwiseServer:
     self.compact_fill = bool(compact_fill)
     self.fill_buckets = _eighths(p, self.head_rows)
     # Deferred fills: a pending iteration's rows (at most head_rows) and the
-    # current one's, in static buckets of multiples of P/4 up to twice that.
+    # current one's, in static buckets of multiples of P/4 (whole row groups)
+    # up to twice that.
     if defer_fill is None:
       defer_fill = not lockstep
     self.defer_fill = bool(defer_fill) and self.compact_fill and not lockstep
