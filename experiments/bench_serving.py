@@ -58,6 +58,9 @@ flags.DEFINE_string("weights", "f32", "Weight format of both servers (f32, bf16 
 flags.DEFINE_bool("ab_block", False, "Also time loop-wise with the block on every slot "
                   "(block_buckets=(P,)) in the same interleaved runs: the A/B of the "
                   "block row buckets.")
+flags.DEFINE_bool("ab_fill", False, "Also time loop-wise with the immediate skipped-loop "
+                  "K/V fill (defer_fill=False) in the same interleaved runs: the A/B of "
+                  "the deferred fill.")
 flags.DEFINE_integer("repeats", 3, "Interleaved timed repeats (median).")
 flags.DEFINE_integer("seed", 0, "Depth and prompt seed.")
 flags.DEFINE_bool("append", False, "Add rows to an existing bench_serving.json (a row "
@@ -176,6 +179,9 @@ def main(_):
       if FLAGS.ab_block:
         servers["loop-wise, block on every slot"] = cls(
             cfg, params, lockstep=False, block_buckets=(FLAGS.slots,), **kw, **hr)
+      if FLAGS.ab_fill:
+        servers["loop-wise, immediate fill"] = cls(
+            cfg, params, lockstep=False, defer_fill=False, **kw, **hr)
       run = lambda s: s.generate(prompts, FLAGS.new_tokens, stop_at_eos=False)
       outs = {}
       for k, s in servers.items():
@@ -224,6 +230,13 @@ def main(_):
                    full_block_ratio=tps["loop-wise, block on every slot"] / tps["lockstep"],
                    full_block_identical_tokens=c.tokens == a.tokens and c.loops == a.loops,
                    block_buckets=list(servers["loop-wise"].block_buckets))
+      if FLAGS.ab_fill:
+        c = outs["loop-wise, immediate fill"][-1]
+        row.update(immediate_fill_tps=tps["loop-wise, immediate fill"],
+                   immediate_fill_ratio=tps["loop-wise, immediate fill"] / tps["lockstep"],
+                   immediate_fill_identical_tokens=c.tokens == a.tokens and c.loops == a.loops)
+      row.update(loopwise_fill_calls=getattr(servers["loop-wise"], "last_fill_calls", None),
+                 lockstep_fill_calls=getattr(servers["lockstep"], "last_fill_calls", None))
       # A rerun of a (model, depths, stream) row replaces the earlier one; a
       # stream is its slots, requests, prompt and new tokens (and whether
       # loop-wise ran with the default stage).
@@ -281,6 +294,22 @@ def markdown(res):
         f"{r['loopwise_steps']} / {r['lockstep_steps']} | "
         f"{r['loopwise_utilization']:.2f} / {r['lockstep_utilization']:.2f} | "
         f"{r['mean_loops']:.2f} | {r['identical_tokens']} | {r.get('date', '')} |")
+  ab = [r for r in res["rows"] if "immediate_fill_ratio" in r or "full_block_ratio" in r]
+  if ab:
+    lines += ["", "A/B variants of loop-wise timed in the same interleaved runs (ratio to "
+              "the same lockstep runs):", ""]
+    for r in ab:
+      what = []
+      if "immediate_fill_ratio" in r:
+        what.append(f"immediate skipped-loop fill {r['immediate_fill_ratio']:.3f}x "
+                    f"(same tokens: {r['immediate_fill_identical_tokens']}; fill calls "
+                    f"deferred / lockstep: {r.get('loopwise_fill_calls')} / "
+                    f"{r.get('lockstep_fill_calls')})")
+      if "full_block_ratio" in r:
+        what.append(f"block on every slot {r['full_block_ratio']:.3f}x")
+      lines.append(f"* {r['model']}, {r['scenario']}, {r['slots']} slots, {r['requests']} "
+                   f"requests, {r['prompt_len']} + {r['new_tokens']} ({r.get('date', '')}): "
+                   f"loop-wise as served {r['ratio']:.3f}x; " + "; ".join(what))
   return "\n".join(lines) + "\n"
 
 

@@ -45,6 +45,8 @@ flags.DEFINE_list("head_sweep", [], "Instead of the serving variants: time the L
                   "alone (final norm, head, argmax; jitted) on these row counts, for f32 "
                   "and bf16 panel weights (median of 15 calls), e.g. 1,4,8,16,32.")
 flags.DEFINE_string("lock", "/tmp/rlm_cpu.lock", "Lock file ('' : none).")
+flags.DEFINE_string("weights", "f32", "Weight format of both servers' variants (f32, "
+                    "bf16 or int8 panels; decode.engine's ``weights``).")
 flags.DEFINE_string("out", "results", "Folder for profile_serving.json.")
 
 
@@ -58,7 +60,7 @@ def variant_class(base, name):
          "no_prefill": {"prefill"}, "none_of_them": {"fill", "head", "block", "prefill"},
          "served": set()}[name]
   if "fill" in off:
-    Variant._fill_served = lambda self, params, st, cache, need, order: cache
+    Variant._fill_served = lambda self, params, st, cache, need, order: (st, cache)
   if "head" in off:
     Variant._head_logits = lambda self, params, h: jnp.zeros(
         (h.shape[0], self.cfg.vocab_size), h.dtype) + h[:, :1] * 0
@@ -146,7 +148,7 @@ def main(_):
   prompts = np.random.default_rng(0).integers(
       2, cfg.vocab_size, (FLAGS.requests, FLAGS.prompt_len)).tolist()
   kw = dict(slots=FLAGS.slots, exit=rule, prefill_chunk=FLAGS.chunk,
-            kernel_layout="panel", fuse=True, eos_id=None)
+            kernel_layout="panel", fuse=True, eos_id=None, weights=FLAGS.weights)
   bases = {"loop-wise": LoopwiseServer(cfg, params, lockstep=False, **kw),
            "lockstep": LoopwiseServer(cfg, params, lockstep=True, **kw)}
   runs, outs = {}, {}
@@ -176,7 +178,7 @@ def main(_):
   say = lambda line="": (print(line), md.append(line))
   say(f"# Loop-wise serving profile\n\n{time.strftime('%Y-%m-%d %H:%M')}: "
       f"`python {' '.join(sys.argv)}`\n")
-  say(f"{name}, {FLAGS.scenario}, {FLAGS.slots} slots, {FLAGS.requests} requests, "
+  say(f"{name}, {FLAGS.weights} weights, {FLAGS.scenario}, {FLAGS.slots} slots, {FLAGS.requests} requests, "
         f"{FLAGS.prompt_len} + {FLAGS.new_tokens} tokens; exclusive hold {hold:.0f}s; "
         f"{FLAGS.repeats} interleaved timed runs after a compile run\n")
   say("| server | variant | s (median) | runs | block steps | head calls | prefill passes |")
@@ -207,7 +209,7 @@ def main(_):
   path = os.path.join(FLAGS.out, "profile_serving.json")
   res = json.load(open(path)) if os.path.exists(path) else []
   res.append(dict(command="python " + " ".join(sys.argv), date=time.strftime("%Y-%m-%d %H:%M"),
-                  model=name, scenario=FLAGS.scenario, slots=FLAGS.slots,
+                  model=name, weights=FLAGS.weights, scenario=FLAGS.scenario, slots=FLAGS.slots,
                   requests=FLAGS.requests, prompt_len=FLAGS.prompt_len,
                   new_tokens=FLAGS.new_tokens, rows=rows))
   with open(path, "w") as f:

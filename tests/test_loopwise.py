@@ -146,3 +146,55 @@ def test_block_row_buckets_equal_every_slot(model):
   a, b = full.generate(PROMPTS, N_NEW), small.generate(PROMPTS, N_NEW)
   assert a.tokens == b.tokens and a.loops == b.loops
   assert (a.steps, a.active_slot_steps) == (b.steps, b.active_slot_steps)
+
+
+def test_deferred_fill_equals_immediate_fill(model):
+  """The skipped-loop fill one iteration late, two iterations per call (the
+  loop-wise default) gives the tokens and schedule of the immediate fill in
+  fewer fill calls; a server that never fills gives other tokens (so the
+  comparison sees a missing or misplaced fill)."""
+  cfg, params = model
+  outs = []
+  for rule in (ForcedDepth.uniform(3, seed=1), ForcedDepth((0.5, 0.0, 0.5), seed=6)):
+    late = LoopwiseServer(cfg, params, slots=3, exit=rule)
+    now = LoopwiseServer(cfg, params, slots=3, exit=rule, defer_fill=False)
+    assert late.defer_fill and not now.defer_fill
+    assert not LoopwiseServer(cfg, params, slots=3, exit=rule, lockstep=True).defer_fill
+    a, b = late.generate(PROMPTS, N_NEW), now.generate(PROMPTS, N_NEW)
+    assert a.tokens == b.tokens and a.loops == b.loops
+    assert (a.steps, a.head_calls) == (b.steps, b.head_calls)
+    assert 0 < late.last_fill_calls < now.last_fill_calls
+    outs.append(a)
+
+  class NoFill(LoopwiseServer):
+    def _fill_served(self, params, st, cache, need, order):
+      return st, cache
+  rule = ForcedDepth.uniform(3, seed=1)
+  c = NoFill(cfg, params, slots=3, exit=rule).generate(PROMPTS, N_NEW)
+  assert c.loops == outs[0].loops and c.tokens != outs[0].tokens
+
+
+def test_buckets_are_whole_row_groups(model):
+  """From 16 slots on, head and fill buckets are whole 8-row groups of the native
+  matmul (a partial group sums in another order: tokens could differ from
+  lockstep's full-pool calls by rounding); smaller pools keep P/8 steps."""
+  from recursive_lm.decode.loopwise import ROW_GROUP, _eighths
+  cfg, params = model
+  rule = ForcedDepth.uniform(3, seed=1)
+  srv = LoopwiseServer(cfg, params, slots=32, exit=rule)
+  assert ROW_GROUP == 8
+  assert srv.head_buckets == srv.fill_buckets == (8, 16, 24, 32)
+  assert srv.defer_buckets == (8, 16, 24, 32, 40, 48, 56, 64)
+  assert srv.block_buckets == (8, 16, 24, 32)
+  assert _eighths(64, 64) == tuple(range(8, 72, 8))
+  assert _eighths(8, 8) == tuple(range(1, 9)) and _eighths(4, 4) == (1, 2, 3, 4)
+
+
+def test_low_bit_weights_run_the_block_on_every_slot(model):
+  """bf16/int8 weights: no block row buckets by default (their last-bit
+  differences become other tokens once activations are rounded)."""
+  cfg, params = model
+  rule = ForcedDepth.uniform(3, seed=1)
+  assert LoopwiseServer(cfg, params, slots=8, exit=rule, kernel_layout="panel",
+                        weights="bf16").block_buckets == (8,)
+  assert LoopwiseServer(cfg, params, slots=8, exit=rule).block_buckets == (2, 4, 6, 8)

@@ -22,7 +22,8 @@ whole serving run is one ``lax.while_loop`` on the device; each iteration:
    embedding + prelude, slots at their last loop the coda;
 4. **emits**: slots whose token is complete are gathered into the smallest
    static *head bucket* that holds them (``head_buckets``, default multiples
-   of P/8, chosen by 0/1-trip ``while_loop``s: ``decode.inplace``, no
+   of P/8 in whole 8-row groups of the native matmul, ``ROW_GROUP``; chosen
+   by 0/1-trip ``while_loop``s: ``decode.inplace``, no
    conditional that copies the cache) and the LM head runs on that bucket,
    so the 49k-vocabulary head costs per emitted token, not per slot and step
    (``head_rows`` caps the bucket; slots beyond it wait a step, rotating). Tokens that stopped before the last loop get the K/V of the
@@ -102,9 +103,25 @@ def _distinct_buffers(tree):
   return jax.tree_util.tree_map(own, tree)
 
 
+# The native panel matmul computes rows in groups of 8; a group of fewer rows
+# (the last of a call whose row count is not a multiple of 8) splits each sum
+# over more accumulator chains, so its rows differ from the same rows in a
+# full group by float rounding (kernels/cpu_kernels.cc, Chains<R>). Buckets in
+# multiples of 8 rows keep every row of the head and the fill in a full group,
+# as in lockstep's full-pool calls: their per-row results are then bitwise
+# those of lockstep (bf16 panels round activations, so a rounding difference
+# upstream can change a token; measured on an AVX-512 CPU without AMX, where
+# main's bf16 rows gave other tokens than lockstep).
+ROW_GROUP = 8
+
+
 def _eighths(slots: int, top: int) -> tuple[int, ...]:
-  """Static bucket sizes: the multiples of slots/8 (at least 1), capped at top."""
+  """Static bucket sizes: the multiples of slots/8 (at least 1), rounded up to
+  whole row groups of the native kernel (``ROW_GROUP``) when the pool holds at
+  least two, capped at top."""
   step = max(slots // 8, 1)
+  if slots >= 2 * ROW_GROUP:
+    step = -(-step // ROW_GROUP) * ROW_GROUP
   return tuple(sorted({min(b, top) for b in range(step, top + step, step)}))
 
 
@@ -124,16 +141,23 @@ class LoopwiseServer:
       token rows per pass, and P; (P,) in lockstep.
     head_rows: most slots the head serves per step (default P: none waits).
     head_buckets: static row counts of the head (the smallest that holds the
-      waiting slots runs); default multiples of P/8 up to head_rows, or just
+      waiting slots runs); default multiples of P/8 (whole 8-row groups from
+      P = 16 on: ``ROW_GROUP``) up to head_rows, or just
       head_rows in lockstep or when every token has the same depth.
     stage_rows: rows of the refill stage (loop-wise; default P); 0 prefills
       refills in place in the slots (passes of ``prefill_rows``).
     kernel_layout, fuse: decode weight layout, as for ``Engine``.
     compact_fill: the skipped-loop K/V fill projects only the rows that
-      skipped (static buckets of P/8); False: every head-bucket row, masked.
+      skipped (static buckets as the head's); False: every head-bucket row, masked.
     block_buckets: static row counts of one block loop (the smallest that
-      holds the busy slots runs; loop-wise default multiples of P/4, lockstep
-      just P); (P,): every slot every step.
+      holds the busy slots runs; loop-wise default multiples of P/4 with f32
+      weights, else, and in lockstep, just P); (P,): every slot every step.
+    defer_fill: (loop-wise, ``compact_fill``) the skipped-loop K/V of the
+      tokens emitted in one iteration may wait one iteration and be filled
+      together with the next iteration's (one fill call per two iterations,
+      twice the rows): the next token of a slot reads a skipped loop's K/V
+      two iterations after its token was emitted at the earliest. Default on
+      in loop-wise; lockstep fills once per token (nothing to pair).
   """
 
   def __init__(self, cfg: ModelConfig, params, slots: int = 8, exit=None,
@@ -142,7 +166,8 @@ class LoopwiseServer:
                prefill_rows: Sequence[int] | None = None, head_rows: int | None = None,
                kernel_layout: str | None = None, fuse: bool = False, weights: str = "f32",
                stage_rows: int | None = None, head_buckets: Sequence[int] | None = None,
-               compact_fill: bool = True, block_buckets: Sequence[int] | None = None):
+               compact_fill: bool = True, block_buckets: Sequence[int] | None = None,
+               defer_fill: bool | None = None):
     check_recursive(cfg, "depth-wise batching" if not lockstep else
                     "the sequence-wise early-exit baseline")
     if slots < 1:
@@ -195,13 +220,27 @@ class LoopwiseServer:
     # head bucket, masked).
     self.compact_fill = bool(compact_fill)
     self.fill_buckets = _eighths(p, self.head_rows)
+    # Deferred fills: a pending iteration's rows (at most head_rows) and the
+    # current one's, in static buckets of multiples of P/4 (whole row groups)
+    # up to twice that.
+    if defer_fill is None:
+      defer_fill = not lockstep
+    self.defer_fill = bool(defer_fill) and self.compact_fill and not lockstep
+    self.defer_buckets = _eighths(2 * p, 2 * self.head_rows)
     # Block row buckets (loop-wise): the block's matmuls run on the smallest of
     # these that holds the busy slots (the drain tail of a stream). Lockstep
     # runs every slot (the sequence-wise baseline: every row of the batch
     # steps until its deepest row is done).
+    # With bf16/int8 weights the block runs on every slot too: its row buckets
+    # gave one request of 64 another token from its 112th on (2 loops, 16 +
+    # 128, bf16 panels, this AVX-512 CPU without AMX; the matmuls of whole
+    # 8-row groups are bitwise those of the full pool, so the difference is in
+    # the XLA ops at 8-24 rows), where the block on every slot gave lockstep's
+    # tokens; activations rounded to bf16 turn a last-bit difference into a
+    # token. f32 keeps the buckets (the drain tail's saving).
     if block_buckets is None:
-      block_buckets = (p,) if lockstep else tuple(sorted({max(p * i // 4, 1)
-                                                           for i in range(1, 5)}))
+      block_buckets = ((p,) if lockstep or weights != "f32" else
+                       tuple(sorted({max(p * i // 4, 1) for i in range(1, 5)})))
     self.block_buckets = tuple(sorted({min(max(int(b), 1), p) for b in block_buckets}
                                       | {p}))
 
@@ -231,7 +270,7 @@ class LoopwiseServer:
     return (type(self), self.cfg, self.slots, self.exit if not self._emit_now else
             self.exit.measure, self.lockstep, self.eos_id, self.pad_id, self.chunk,
             self.prefill_rows, self.head_rows, self.stage_rows, self.head_buckets,
-            self.compact_fill, self.block_buckets)
+            self.compact_fill, self.block_buckets, self.defer_fill)
 
   def __hash__(self):
     return hash(self._static_key())
@@ -253,7 +292,17 @@ class LoopwiseServer:
         h=jnp.zeros((p, self.cfg.d_model), jnp.dtype(self.cfg.dtype)),
         ready=zb, parked=zb, final=zb, seed=jnp.asarray(seed, jnp.int32),
         steps=zero, busy=zero, head_calls=zero, prefill_passes=zero, iters=zero,
-        **self._init_stage())
+        fill_calls=zero, **self._init_stage(), **self._init_pending())
+
+  def _init_pending(self):
+    """Skipped-loop fills waiting one iteration (``defer_fill``): per slot the
+    exit state, position, depth and request of its last emitted token."""
+    if not self.defer_fill:
+      return {}
+    p = self.slots
+    zi = jnp.zeros((p,), jnp.int32)
+    return dict(f_h=jnp.zeros((p, self.cfg.d_model), jnp.dtype(self.cfg.dtype)),
+                f_pos=zi, f_depth=zi, f_rid=zi - 1, f_pend=jnp.zeros((p,), bool))
 
   def _init_stage(self):
     """The staging area of staged refills (no entries when not staged); its
@@ -594,13 +643,16 @@ class LoopwiseServer:
     """K/V of the skipped loops (state copying) for the tokens the head serves
     this iteration (``need``) that stopped before the last loop: only those
     rows are projected, gathered into the smallest static fill bucket that
-    holds them (multiples of P/8; 0/1-trip loops). The inputs reach the fill
+    holds them (multiples of P/8 in whole row groups; 0/1-trip loops). The inputs reach the fill
     as operands (``decode.inplace``), so no projection is hoisted out of it to
-    run when no row skipped."""
+    run when no row skipped. With ``defer_fill`` (``_fill_deferred``) this
+    iteration's rows may wait one iteration. Returns (state, cache)."""
     cfg, p = self.cfg, self.slots
     rank = jnp.zeros((p,), jnp.int32).at[order].set(jnp.arange(p, dtype=jnp.int32))
     depth = st["loop"] + 1
     skipped = need & st["ready"] & (rank < self.head_rows) & (depth < cfg.plan.loops)
+    if self.defer_fill:
+      return self._fill_deferred(params, st, cache, skipped, depth)
     buckets = self.fill_buckets
     n = jnp.sum(skipped, dtype=jnp.int32)
     pick = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), n).astype(jnp.int32)
@@ -614,8 +666,57 @@ class LoopwiseServer:
         return B.fill_kv(cfg, params, c, j, h[j], pos[j], depth[j], ok & skipped[j])
       return fn
 
-    return select_branch(pick, [fill(b) for b in buckets], _lists(cache),
-                         (st["h"], st["pos"], depth, skipped))
+    cache = select_branch(pick, [fill(b) for b in buckets], _lists(cache),
+                          (st["h"], st["pos"], depth, skipped))
+    return dict(st, fill_calls=st["fill_calls"] + (n > 0).astype(jnp.int32)), cache
+
+  def _fill_deferred(self, params, st, cache, skipped, depth):
+    """The skipped-loop fill one iteration late, two iterations per call.
+
+    A token emitted in iteration t starts its successor at loop 0 in t + 1;
+    the successor reads loop >= 1 (and the coda) in t + 2 at the earliest, so
+    the K/V its predecessor skipped may be written after t + 1's block. Rows
+    pending from the previous iteration (whose slot still serves the same
+    request: a finished request's last K/V is never read, and a slot that
+    took a new request must not be written) are filled now together with this
+    iteration's rows; when none is pending, this iteration's rows wait
+    instead. One call then serves two iterations' rows, which halves the
+    fill's per-call cost (its K/V weights read once per call, its 2 x layers
+    small ops); the rows written are those of the immediate fill, their
+    values too (each row in a whole 8-row group of the native matmul in both,
+    ``ROW_GROUP``)."""
+    cfg, p = self.cfg, self.slots
+    pend = st["f_pend"] & (st["rid"] == st["f_rid"]) & (st["phase"] == DECODE)
+    now = jnp.any(pend)
+    cur = skipped & now
+    h2 = jnp.concatenate([st["f_h"], st["h"].astype(st["f_h"].dtype)])
+    pos2 = jnp.concatenate([st["f_pos"], st["pos"]])
+    dep2 = jnp.concatenate([st["f_depth"], depth])
+    ok2 = jnp.concatenate([pend, cur])
+    slot2 = jnp.concatenate([jnp.arange(p, dtype=jnp.int32)] * 2)
+    buckets = self.defer_buckets
+    n = jnp.sum(ok2, dtype=jnp.int32)
+    pick = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), n).astype(jnp.int32)
+    pick = jnp.where(n > 0, pick, len(buckets))
+
+    def fill(b):
+      def fn(c, h2, pos2, dep2, ok2):
+        i = jnp.nonzero(ok2, size=b, fill_value=2 * p)[0].astype(jnp.int32)
+        ok = i < 2 * p
+        i = jnp.minimum(i, 2 * p - 1)
+        return B.fill_kv(cfg, params, c, slot2[i], h2[i], pos2[i], dep2[i], ok & ok2[i])
+      return fn
+
+    cache = select_branch(pick, [fill(b) for b in buckets], _lists(cache),
+                          (h2, pos2, dep2, ok2))
+    wait = skipped & ~now
+    st = dict(st, f_pend=wait, f_h=jnp.where(wait[:, None], st["h"], st["f_h"]).astype(
+                  st["f_h"].dtype),
+              f_pos=jnp.where(wait, st["pos"], st["f_pos"]),
+              f_depth=jnp.where(wait, depth, st["f_depth"]),
+              f_rid=jnp.where(wait, st["rid"], -1),
+              fill_calls=st["fill_calls"] + (n > 0).astype(jnp.int32))
+    return st, cache
 
   def _head_step(self, hr: int, params, st, cache, order, max_new, sampling,
                  stop_at_eos):
@@ -676,7 +777,7 @@ class LoopwiseServer:
       order = self._head_order(st)  # once per iteration: the fill and the head share it
       # (statically absent when every token runs every loop: nothing to fill)
       if self.compact_fill and not self._feedback_depths and not self._all_loops():
-        cache = self._fill_served(params, st, cache, need, order)
+        st, cache = self._fill_served(params, st, cache, need, order)
       st, cache = select_branch(
           pick, [lambda a, order, b=b: self._head_step(b, params, *a, order, **static)
                  for b in buckets],
@@ -730,9 +831,11 @@ class LoopwiseServer:
     st, _ = self._serve(self.params, st, cache, threshold,
                         jnp.asarray(np.iinfo(np.int32).max, jnp.int32),
                         max_new=max_new_tokens, sampling=sampling, stop_at_eos=stop_at_eos)
-    keys = ("out_tok", "out_dep", "out_n", "steps", "busy", "head_calls", "prefill_passes")
-    out_tok, out_dep, out_n, steps, busy, heads, passes = jax.device_get(
+    keys = ("out_tok", "out_dep", "out_n", "steps", "busy", "head_calls", "prefill_passes",
+            "fill_calls")
+    out_tok, out_dep, out_n, steps, busy, heads, passes, fills = jax.device_get(
         tuple(st[k] for k in keys))
+    self.last_fill_calls = int(fills)  # skipped-loop fill calls of this run
     seconds = time.perf_counter() - t0
     n = len(prompts)
     return BatchOutput([out_tok[i, :out_n[i]].tolist() for i in range(n)],
