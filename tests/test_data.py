@@ -342,3 +342,11 @@ def test_source_errors(tmp_path):
   with pytest.raises(ValueError, match="has no documents"):
     D.make_lm_iterator(D.TextSource([], "empty"), encode, EOS, 16, 2)
   assert os.path.exists(p)
+
+
+def test_first_pydoc_build_prints_nothing_on_stdout(tmp_path, capsys):
+  """A first build (fresh machine) must not write TFDS's "Downloading and
+  preparing dataset ..." line to stdout: `recursive-lm eval --json` prints its
+  JSON there (it reached the JSON once, in a CI run on a fresh machine)."""
+  pydoc_corpus.build_pydoc_corpus(tmp_path / "tfds")
+  assert capsys.readouterr().out == ""

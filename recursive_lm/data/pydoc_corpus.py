@@ -227,7 +227,10 @@ class PydocCorpus(tfds.core.GeneratorBasedBuilder):
 
 @contextlib.contextmanager
 def _quiet_tfds(quiet: bool):
-  """Temporarily hides TFDS progress bars."""
+  """Temporarily hides TFDS progress bars, and sends what TFDS prints while
+  it prepares ("Downloading and preparing dataset ...") to stderr: stdout is
+  the program's output (e.g. ``recursive-lm eval --json``), which a first
+  build on a fresh machine must not corrupt."""
   # pylint: disable=protected-access
   from tensorflow_datasets.core.utils import tqdm_utils
 
@@ -235,7 +238,8 @@ def _quiet_tfds(quiet: bool):
   if quiet:
     tqdm_utils._active = False
   try:
-    yield
+    with contextlib.redirect_stdout(sys.stderr):
+      yield
   finally:
     tqdm_utils._active = previous
 
