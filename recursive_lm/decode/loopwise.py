@@ -653,22 +653,31 @@ class LoopwiseServer:
     skipped = need & st["ready"] & (rank < self.head_rows) & (depth < cfg.plan.loops)
     if self.defer_fill:
       return self._fill_deferred(params, st, cache, skipped, depth)
-    buckets = self.fill_buckets
-    n = jnp.sum(skipped, dtype=jnp.int32)
+    cache, called = self._fill_rows(params, cache, self.fill_buckets,
+                                    jnp.arange(p, dtype=jnp.int32), st["h"], st["pos"],
+                                    depth, skipped)
+    return dict(st, fill_calls=st["fill_calls"] + called), cache
+
+  def _fill_rows(self, params, cache, buckets, slot, h, pos, depth, ok):
+    """The skipped-loop K/V of the rows where ``ok`` (row i: slot ``slot[i]``,
+    exit state ``h[i]``, position, depth), gathered into the smallest static
+    bucket of ``buckets`` that holds them (0/1-trip loops; nothing runs when
+    no row is ``ok``). Returns (cache, 1 if a fill ran else 0)."""
+    cfg, rows = self.cfg, ok.shape[0]
+    n = jnp.sum(ok, dtype=jnp.int32)
     pick = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), n).astype(jnp.int32)
     pick = jnp.where(n > 0, pick, len(buckets))
 
     def fill(b):
-      def fn(c, h, pos, depth, skipped):
-        j = jnp.nonzero(skipped, size=b, fill_value=p)[0].astype(jnp.int32)
-        ok = j < p
-        j = jnp.minimum(j, p - 1)
-        return B.fill_kv(cfg, params, c, j, h[j], pos[j], depth[j], ok & skipped[j])
+      def fn(c, h, pos, depth, ok):
+        i = jnp.nonzero(ok, size=b, fill_value=rows)[0].astype(jnp.int32)
+        valid = i < rows
+        i = jnp.minimum(i, rows - 1)
+        return B.fill_kv(cfg, params, c, slot[i], h[i], pos[i], depth[i], valid & ok[i])
       return fn
 
-    cache = select_branch(pick, [fill(b) for b in buckets], _lists(cache),
-                          (st["h"], st["pos"], depth, skipped))
-    return dict(st, fill_calls=st["fill_calls"] + (n > 0).astype(jnp.int32)), cache
+    cache = select_branch(pick, [fill(b) for b in buckets], _lists(cache), (h, pos, depth, ok))
+    return cache, (n > 0).astype(jnp.int32)
 
   def _fill_deferred(self, params, st, cache, skipped, depth):
     """The skipped-loop fill one iteration late, two iterations per call.
@@ -685,7 +694,7 @@ class LoopwiseServer:
     small ops); the rows written are those of the immediate fill, their
     values too (each row in a whole 8-row group of the native matmul in both,
     ``ROW_GROUP``)."""
-    cfg, p = self.cfg, self.slots
+    p = self.slots
     pend = st["f_pend"] & (st["rid"] == st["f_rid"]) & (st["phase"] == DECODE)
     now = jnp.any(pend)
     cur = skipped & now
@@ -694,28 +703,15 @@ class LoopwiseServer:
     dep2 = jnp.concatenate([st["f_depth"], depth])
     ok2 = jnp.concatenate([pend, cur])
     slot2 = jnp.concatenate([jnp.arange(p, dtype=jnp.int32)] * 2)
-    buckets = self.defer_buckets
-    n = jnp.sum(ok2, dtype=jnp.int32)
-    pick = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), n).astype(jnp.int32)
-    pick = jnp.where(n > 0, pick, len(buckets))
-
-    def fill(b):
-      def fn(c, h2, pos2, dep2, ok2):
-        i = jnp.nonzero(ok2, size=b, fill_value=2 * p)[0].astype(jnp.int32)
-        ok = i < 2 * p
-        i = jnp.minimum(i, 2 * p - 1)
-        return B.fill_kv(cfg, params, c, slot2[i], h2[i], pos2[i], dep2[i], ok & ok2[i])
-      return fn
-
-    cache = select_branch(pick, [fill(b) for b in buckets], _lists(cache),
-                          (h2, pos2, dep2, ok2))
+    cache, called = self._fill_rows(params, cache, self.defer_buckets, slot2, h2, pos2,
+                                    dep2, ok2)
     wait = skipped & ~now
     st = dict(st, f_pend=wait, f_h=jnp.where(wait[:, None], st["h"], st["f_h"]).astype(
                   st["f_h"].dtype),
               f_pos=jnp.where(wait, st["pos"], st["f_pos"]),
               f_depth=jnp.where(wait, depth, st["f_depth"]),
               f_rid=jnp.where(wait, st["rid"], -1),
-              fill_calls=st["fill_calls"] + (n > 0).astype(jnp.int32))
+              fill_calls=st["fill_calls"] + called)
     return st, cache
 
   def _head_step(self, hr: int, params, st, cache, order, max_new, sampling,
