@@ -124,6 +124,12 @@ inline v16 WidenInt8(const int8_t* p) {
 // threads, loaded machine): 6.5 vs 4.2 GB/s without (docs/weight_formats.md).
 std::atomic<int64_t> g_int8_prefetch_bytes{8192};
 
+// The low-bit paths' software prefetch into L2: ``ahead`` bytes past p
+// (prefetcht1; 0: none).
+inline void PrefetchL2(const void* p, int64_t ahead) {
+  if (ahead > 0) __builtin_prefetch((const char*)p + ahead, 0, 2);  // t1
+}
+
 struct Int8Panels {
   F32Panels out;   // x, y, K, N (w unused)
   const int8_t* w;  // [P, K, 32]
@@ -141,7 +147,7 @@ struct Int8Panels {
     auto step = [&](int a, int64_t k) {
       if (k % 2 == 0) {  // one 64-byte line per 2 rows
         PrefetchAhead(wp + k * kPanel);
-        if (ahead > 0) __builtin_prefetch((const char*)(wp + k * kPanel) + ahead, 0, 2);  // t1
+        PrefetchL2(wp + k * kPanel, ahead);
       }
       const v16 w0 = WidenInt8(wp + k * kPanel);
       const v16 w1 = WidenInt8(wp + k * kPanel + 16);
@@ -183,10 +189,6 @@ inline v16 AsFloat(v16w b) {
 // into L2 (prefetcht1, both 64-byte lines of each input-row pair; 0: none), as
 // the int8 and AMX paths do; read once per call (RecursiveLmBf16Prefetch).
 std::atomic<int64_t> g_bf16_prefetch_bytes{8192};
-
-inline void PrefetchL2(const void* p, int64_t ahead) {
-  if (ahead > 0) __builtin_prefetch((const char*)p + ahead, 0, 2);  // t1
-}
 
 struct Bf16Panels {
   F32Panels out;          // x (bf16-rounded, as f32), y, K, N
