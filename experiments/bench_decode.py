@@ -132,20 +132,54 @@ def prompts_for(batch: int) -> list[list[int]]:
           for i in range(batch)]
 
 
+_LLAMACPP_PROBE = r"""
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_threads=2, n_ctx=64, verbose=False)
+llm("def f(x):", max_tokens=2, temperature=0)
+"""
+
+
+def llamacpp_extra_bufts_ok(gguf: str) -> bool:
+  """Whether llama.cpp survives a short generation with its extra buffer types
+  (weight repacking, and ggml's AMX matmuls where the build has them), tried in
+  a child process: a build with ``-DGGML_NATIVE=ON`` on one Xeon with AMX-INT8
+  here segfaulted in ``ggml_backend_amx_mul_mat`` on the Q4_1 GGUF."""
+  import subprocess
+  try:
+    r = subprocess.run([sys.executable, "-c", _LLAMACPP_PROBE, gguf], capture_output=True,
+                       timeout=300, check=False)
+  except subprocess.TimeoutExpired:
+    return False
+  return r.returncode == 0
+
+
 class LlamaCpp:
   """llama.cpp on a GGUF through llama-cpp-python's low-level API: greedy
   decoding of ``batch`` sequences at once (one llama_decode per step, one
-  sequence id per row), on ``FLAGS.threads`` threads."""
+  sequence id per row), on ``FLAGS.threads`` threads. ``extra_bufts=False``
+  loads the weights without llama.cpp's extra buffer types (no repacking, no
+  ggml AMX path); for Q4_1 the plain CPU path is the same kernels otherwise."""
 
-  def __init__(self, gguf: str, batch: int):
+  def __init__(self, gguf: str, batch: int, extra_bufts: bool = True):
     import llama_cpp
+    import llama_cpp.llama as llama_py
     import numpy as np
     self.np, self.lc, self.batch = np, llama_cpp, batch
     n_ctx = batch * (FLAGS.prompt_len + FLAGS.new_tokens + 8)
     from llama_cpp import _internals
     n_batch = max(512, batch * FLAGS.prompt_len)
-    self.llm = llama_cpp.Llama(model_path=gguf, n_threads=FLAGS.threads,
-                               n_threads_batch=FLAGS.threads, n_ctx=64, verbose=False)
+    defaults = llama_py.llama_cpp.llama_model_default_params
+
+    def model_params():
+      params = defaults()
+      params.use_extra_bufts = extra_bufts
+      return params
+    llama_py.llama_cpp.llama_model_default_params = model_params
+    try:
+      self.llm = llama_cpp.Llama(model_path=gguf, n_threads=FLAGS.threads,
+                                 n_threads_batch=FLAGS.threads, n_ctx=64, verbose=False)
+    finally:
+      llama_py.llama_cpp.llama_model_default_params = defaults
     # Llama() makes a one-sequence context; decoding `batch` sequences needs its own.
     cp = llama_cpp.llama_context_default_params()
     cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, n_batch, n_batch, batch
@@ -156,6 +190,8 @@ class LlamaCpp:
     self.ctx = self._context.ctx
     self.vocab = self.llm.n_vocab()
     self.version = f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
+    if not extra_bufts:
+      self.version = self.version[:-1] + ", extra buffer types off)"
     self.cbatch = llama_cpp.llama_batch_init(batch * FLAGS.prompt_len, 0, batch)
 
   def _decode(self, rows):
@@ -370,7 +406,13 @@ def main(_):
       gguf = resolve_preset(FLAGS.model)
     except ImportError:
       print("llama-cpp-python not installed (pip install '.[llamacpp]'): no llama.cpp rows")
+  extra_bufts = True
   if gguf:
+    extra_bufts = llamacpp_extra_bufts_ok(gguf)
+    if not extra_bufts:
+      print("llama.cpp crashed in a short generation with its extra buffer types (ggml's "
+            "AMX / repacked matmuls): its rows load the GGUF without them "
+            "(use_extra_bufts=False)", flush=True)
     import gguf as gguf_lib
     reader = gguf_lib.GGUFReader(gguf)
     bytes_of["llama.cpp"] = int(sum(t.n_bytes for t in reader.tensors))  # streamed ~ all
@@ -412,7 +454,7 @@ def main(_):
     llamacpp = None
     if gguf:
       try:
-        llamacpp = LlamaCpp(gguf, b)
+        llamacpp = LlamaCpp(gguf, b, extra_bufts)
       except Exception as e:  # pylint: disable=broad-except
         print(f"llama.cpp at batch {b} unavailable: {e}")
     res = bench_engines(m, engines, b, probe, llamacpp)
