@@ -60,13 +60,17 @@ needs_amx = pytest.mark.skipif(not native.amx(), reason="no AMX on this CPU / ke
 
 @pytest.fixture(params=["amx", "avx512"])
 def kernel_path(request):
-  """Runs a test on the AMX path (skipped without AMX) and with AMX off."""
+  """Runs a test on the AMX path (skipped without AMX; bf16 from 1 row, which
+  the default leaves to the dot products) and with AMX off."""
   if request.param == "amx" and not native.amx():
     pytest.skip("no AMX on this CPU / kernel / build")
   was = native.amx()
+  rows = native.set_amx_min_rows(bf16=1) if request.param == "amx" else None
   native.set_amx(request.param == "amx")
   yield request.param
   native.set_amx(was)
+  if rows:
+    native.set_amx_min_rows(bf16=rows["bf16"])
 
 
 @needs_compiler
@@ -138,7 +142,16 @@ def test_amx_path_equals_the_avx512_path_and_says_so():
   assert native.set_amx(True)
   assert native.panel_path("bf16", 8) == "AMX-BF16 tiles"
   assert not native.panel_path("int8", 8).startswith("AMX")  # off by default
-  assert native.panel_path("bf16", 1) == "AMX-BF16 tiles"  # from 1 row (AMX_MIN_ROWS)
+  # 1 row streams faster on the dot products (AMX_MIN_ROWS); set_amx_min_rows moves it.
+  assert native.panel_path("bf16", 1) == "AVX-512 BF16 dot products"
+  assert native.panel_path("bf16", 2) == "AMX-BF16 tiles"
+  was = native.set_amx_min_rows(bf16=1)
+  try:
+    assert was["bf16"] == 2 and native.panel_path("bf16", 1) == "AMX-BF16 tiles"
+    assert "AMX-BF16 tiles from 1 row," in native.status()
+  finally:
+    native.set_amx_min_rows(bf16=was["bf16"])
+  assert native.panel_path("bf16", 1) == "AVX-512 BF16 dot products"
   assert "AMX-BF16 tiles from" in native.status()
   on = (np.asarray(fb(x)), np.asarray(fq(x)))
   assert not native.set_amx(False)
@@ -393,10 +406,12 @@ def test_embedded_model_bf16_greedy_matches_f32():
 @needs_compiler
 @needs_amx
 @pytest.mark.parametrize("rows", [1, 8, 20])
-def test_amx_prefetch_distance_does_not_change_results(rows):
+def test_amx_prefetch_distance_does_not_change_results(rows, request):
   """The AMX path's L2 software prefetch (past a panel's end, and past the
   weights' end on the last panel) only moves data: results are bit-identical
-  with it off, at another distance, and from 1 row (the default path there)."""
+  with it off, at another distance, and from 1 row (AMX there when asked for)."""
+  min_rows = native.set_amx_min_rows(bf16=1)
+  request.addfinalizer(lambda: native.set_amx_min_rows(bf16=min_rows["bf16"]))
   assert native.amx() and native.amx_min_rows("bf16") == 1
   rng = np.random.default_rng(rows)
   x = rng.standard_normal((rows, 576)).astype(np.float32)

@@ -56,13 +56,16 @@ EXTRA_FLAGS_ENV = "RECURSIVE_LM_KERNEL_FLAGS"
 
 
 # Row counts from which bf16 / int8 panels use AMX tiles (0: never). bf16:
-# every row count: on Emerald Rapids with the tile path's L2 prefetch, 1 row
-# streams faster on AMX than with vdpbf16ps (and 2-8 rows ~2x faster;
-# docs/weight_formats.md).
+# from 2 rows. Since the dot-product path prefetches its weight stream into L2
+# too (2026-12-02), 1 row streams 4-6% faster with vdpbf16ps than on the tiles
+# on an Emerald Rapids Xeon (a decode step's 121 bf16 matmuls chained: 10.47
+# vs 10.91 ms; the engine at batch 1: 105.8 vs 99.7 tok/s), while 2 / 4 / 8
+# rows are 5% / 16% / 33% faster on the tiles (docs/weight_formats.md).
+# ``set_amx_min_rows`` changes it at run time.
 # int8: off, its AMX path (each panel widened to bf16 in L1, activations
 # rounded to bf16) measured no faster than the f32 FMAs (8 rows: 7.6 vs 7.9
 # GB/s). RLM_AMX_MIN_ROWS=N sets both (int8 too), RLM_AMX=0 turns AMX off.
-AMX_MIN_ROWS = {"bf16": 1, "int8": 0}
+AMX_MIN_ROWS = {"bf16": 2, "int8": 0}
 AMX_ENV = "RLM_AMX"
 AMX_MIN_ROWS_ENV = "RLM_AMX_MIN_ROWS"
 
@@ -166,9 +169,13 @@ def load() -> bool:
 
 
 def _set_amx_locked(enabled: bool) -> None:
-  rows = dict(AMX_MIN_ROWS)
-  if os.environ.get(AMX_MIN_ROWS_ENV):
-    rows = {k: int(os.environ[AMX_MIN_ROWS_ENV]) for k in rows}
+  if "amx_wanted" not in _state:
+    rows = dict(AMX_MIN_ROWS)
+    if os.environ.get(AMX_MIN_ROWS_ENV):
+      rows = {k: int(os.environ[AMX_MIN_ROWS_ENV]) for k in rows}
+    _state["amx_wanted"] = rows
+  _state["amx_enabled"] = enabled
+  rows = dict(_state["amx_wanted"])
   if not enabled:
     rows = {k: 0 for k in rows}
   on = bool(_state["lib"].RecursiveLmAmxInit(rows["bf16"], rows["int8"]))
@@ -199,6 +206,25 @@ def _set_prefetch(symbol: str, nbytes: int) -> int:
   fn.argtypes = [ctypes.c_int64]
   fn.restype = ctypes.c_int64
   return int(fn(int(nbytes)))
+
+
+def set_amx_min_rows(bf16: int | None = None, int8: int | None = None) -> dict:
+  """Sets the row counts from which bf16 / int8 panels run on AMX tiles (0:
+  never; None: unchanged) for later calls, like ``RLM_AMX_MIN_ROWS`` at start
+  (compiled functions need no retrace). Returns the previous settings; without
+  AMX they are kept and apply if AMX is turned on."""
+  if not load():
+    return {}
+  with _lock:
+    _set_amx_locked(_state["amx_enabled"])  # fills amx_wanted
+    was = dict(_state["amx_wanted"])
+    for k, v in (("bf16", bf16), ("int8", int8)):
+      if v is not None:
+        if v < 0:
+          raise ValueError(f"AMX min rows must be >= 0 (0: never), got {k}={v}")
+        _state["amx_wanted"][k] = int(v)
+    _set_amx_locked(_state["amx_enabled"])
+  return was
 
 
 def set_amx_prefetch(nbytes: int) -> int:
