@@ -306,3 +306,28 @@ def test_embed_rows_bf16_equals_the_gather_and_reads_no_whole_table_copy():
         lambda t, i: decode_ops.embed_rows(t, i, xla)).lower(table, ids).as_text()
   finally:
     decode_ops.NATIVE_EMBED = was
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows", [1, 3, 4, 8, 9, 20, 32, 40])
+@pytest.mark.parametrize("k", [101, 576])
+def test_f32_next_panel_prefetch_does_not_change_results(rows, k):
+  """The f32 path's L2 prefetch of the next panel (rows spread over the row
+  groups; past the weights' end on the last panel) only moves data: results
+  are bit-identical with it off, from 1 row, and at the default (4 rows)."""
+  assert native.load(), native.status()
+  rng = np.random.default_rng(rows + k)
+  x = rng.standard_normal((rows, k)).astype(np.float32)
+  w = rng.standard_normal((k, 1000)).astype(np.float32)
+  wp = to_panels(jnp.asarray(w))
+  f = jax.jit(lambda x, w: panel_matmul(x, w, 1000, use_native=True))
+  was = native.set_f32_prefetch(0)
+  try:
+    ref = np.asarray(f(x, wp))
+    for min_rows in (1, 4, 64):
+      native.set_f32_prefetch(min_rows)
+      np.testing.assert_array_equal(np.asarray(f(x, wp)), ref)
+  finally:
+    native.set_f32_prefetch(was)
+  assert was == 4
+  np.testing.assert_allclose(ref, x.astype(np.float64) @ w, rtol=1e-4, atol=1e-4 * np.sqrt(k))

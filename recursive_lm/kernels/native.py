@@ -251,6 +251,14 @@ def set_int8_prefetch(nbytes: int) -> int:
   return _set_prefetch("RecursiveLmInt8Prefetch", nbytes)
 
 
+def set_f32_prefetch(min_rows: int) -> int:
+  """Sets the row count from which f32 panel calls prefetch the next panel into
+  L2 while they compute one (its rows spread over the call's row groups; 0:
+  never; default 4) for later calls; bit-identical results. Returns the
+  previous one (-1 without the kernels)."""
+  return _set_prefetch("RecursiveLmF32Prefetch", min_rows)
+
+
 def set_bf16_prefetch(nbytes: int) -> int:
   """Sets how far ahead (bytes) the bf16 dot-product path (no AMX: AVX-512
   BF16 or widening) prefetches the weight stream into L2 (0: none; default
