@@ -331,3 +331,35 @@ def test_f32_next_panel_prefetch_does_not_change_results(rows, k):
     native.set_f32_prefetch(was)
   assert was == 4
   np.testing.assert_allclose(ref, x.astype(np.float64) @ w, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+
+
+@needs_compiler
+@pytest.mark.parametrize("fmt", ["f32", "bf16", "bf16_no_amx", "int8"])
+@pytest.mark.parametrize("k", [101, 576])
+def test_rows_of_any_call_of_8_or_more_rows_are_bitwise_equal(fmt, k):
+  """A call's last, partial row group sums as its full groups do, so the rows of
+  a 9-31-row call are bitwise those rows of a 32-row call (what lets a server
+  run the head or a K/V fill on a few of its slots, in buckets of 4 rows from
+  8 on, and keep the full-pool call's values)."""
+  from recursive_lm.kernels import panel as P
+  assert native.load(), native.status()
+  rng = np.random.default_rng(k)
+  x = rng.standard_normal((32, k)).astype(np.float32)
+  w = rng.standard_normal((k, 200)).astype(np.float32)
+  scale = None
+  if fmt == "f32":
+    wp = to_panels(jnp.asarray(w))
+  elif fmt.startswith("bf16"):
+    wp = P.to_bf16_panels(w)
+  else:
+    wp, scale = P.to_int8_panels(w)
+  f = jax.jit(lambda x: P.panel_matmul(x, wp, 200, use_native=True, scale=scale))
+  amx_was = native.amx()
+  if fmt == "bf16_no_amx":
+    native.set_amx(False)
+  try:
+    full = np.asarray(f(x))
+    for m in (8, 9, 12, 15, 20, 28, 31):
+      np.testing.assert_array_equal(np.asarray(f(x[:m])), full[:m], err_msg=f"{m} rows")
+  finally:
+    native.set_amx(amx_was)

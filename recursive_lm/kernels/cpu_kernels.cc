@@ -23,7 +23,8 @@ namespace {
 // Independent accumulator sets per row for a register block of R rows: at 1-2
 // rows the two sums of a row would otherwise be one chain of dependent FMAs
 // (4+ cycles each), which caps a core below its share of the memory bandwidth;
-// with Chains<R>() sets, about 16 sums are in flight at every R.
+// with Chains<R>() sets, about 16 sums are in flight at every R (except in the
+// partial last group of a call of more than 8 rows: Panels() below).
 template <int R>
 constexpr int Chains() {
   return R >= 8 ? 1 : (R >= 4 ? 2 : (R >= 2 ? 4 : 8));
@@ -75,13 +76,12 @@ struct F32Panels {
   float* y;        // [M, N]
   int64_t K, N;
   int64_t groups = 0;  // row groups of the call (ceil(M / 8)); 0: no L2 prefetch
-  template <int R>
+  template <int R, int A = Chains<R>()>
   void Run(int64_t r0, int64_t p) const {
     const float* xr = x + r0 * K;
     const float* wp = w + p * K * kPanel;
     const float* next = wp + K * kPanel;
     int64_t pf = groups ? r0 / 8 : K;  // next row of the next panel to prefetch
-    constexpr int A = Chains<R>();
     v16 lo[A][R], hi[A][R];
     for (int a = 0; a < A; ++a)
       for (int r = 0; r < R; ++r) lo[a][r] = hi[a][r] = (v16){};
@@ -154,12 +154,11 @@ struct Int8Panels {
   const int8_t* w;  // [P, K, 32]
   const float* scale;  // [P * 32]
   int64_t ahead;   // prefetch distance in bytes (0: none)
-  template <int R>
+  template <int R, int A = Chains<R>()>
   void Run(int64_t r0, int64_t p) const {
     const int64_t K = out.K;
     const float* xr = out.x + r0 * K;
     const int8_t* wp = w + p * K * kPanel;
-    constexpr int A = Chains<R>();
     v16 lo[A][R], hi[A][R];
     for (int a = 0; a < A; ++a)
       for (int r = 0; r < R; ++r) lo[a][r] = hi[a][r] = (v16){};
@@ -214,11 +213,10 @@ struct Bf16Panels {
   const uint32_t* pairs;  // [M, K/2]: (x[2j] | x[2j+1] << 16) in bf16
   const uint16_t* w;      // [P, K, 32], paired as above
   int64_t ahead;          // L2 prefetch distance in bytes (0: none)
-  template <int R>
+  template <int R, int A = Chains<R>()>
   void Run(int64_t r0, int64_t p) const {
     const int64_t K = out.K, H = K / 2;
     const uint16_t* wp = w + p * K * kPanel;
-    constexpr int A = Chains<R>();
     v16 acc_lo[A][R], acc_hi[A][R];
     for (int a = 0; a < A; ++a)
       for (int r = 0; r < R; ++r) acc_lo[a][r] = acc_hi[a][r] = (v16){};
@@ -279,11 +277,29 @@ struct Bf16Panels {
 
 // All M rows for panels [p0, p1), in groups of 8 rows. The row groups are the
 // inner loop: a panel (K x 32 weights, 72 KiB in f32 at K = 576) comes from
-// memory once and stays in L2 for the next group.
+// memory once and stays in L2 for the next group. In a call of more than 8
+// rows the last, partial group sums with one chain per row, as the full
+// groups do (Chains<8>), so every row of a call of at least 8 rows is
+// bitwise the same row of any other such call: a server may run the head or
+// a K/V fill on 12 or 20 of its slots and get the values of a full-pool call.
+// (A call of fewer than 8 rows splits its sums over more chains for speed.)
 template <typename Kernel>
 void Panels(const Kernel& kern, int64_t M, int64_t p0, int64_t p1) {
+  constexpr int A8 = Chains<8>();
   for (int64_t p = p0; p < p1; ++p) {
     for (int64_t r0 = 0; r0 < M; r0 += 8) {
+      if (M > 8 && M - r0 < 8) {
+        switch (M - r0) {
+          case 1: kern.template Run<1, A8>(r0, p); break;
+          case 2: kern.template Run<2, A8>(r0, p); break;
+          case 3: kern.template Run<3, A8>(r0, p); break;
+          case 4: kern.template Run<4, A8>(r0, p); break;
+          case 5: kern.template Run<5, A8>(r0, p); break;
+          case 6: kern.template Run<6, A8>(r0, p); break;
+          default: kern.template Run<7, A8>(r0, p); break;
+        }
+        continue;
+      }
       switch (M - r0 < 8 ? M - r0 : 8) {
         case 1: kern.template Run<1>(r0, p); break;
         case 2: kern.template Run<2>(r0, p); break;
