@@ -175,18 +175,21 @@ def test_deferred_fill_equals_immediate_fill(model):
 
 
 def test_buckets_are_whole_row_groups(model):
-  """From 16 slots on, head and fill buckets are whole 8-row groups of the native
-  matmul (a partial group sums in another order: tokens could differ from
-  lockstep's full-pool calls by rounding); smaller pools keep P/8 steps."""
+  """From 16 slots on, head and fill buckets hold at least one 8-row group of
+  the native matmul (a call of fewer rows sums in another order: tokens could
+  differ from lockstep's full-pool calls by rounding; from 8 rows on every
+  row sums as in a full group, tests/test_kernels.py); smaller pools keep P/8
+  steps."""
   from recursive_lm.decode.loopwise import ROW_GROUP, _eighths
   cfg, params = model
   rule = ForcedDepth.uniform(3, seed=1)
   srv = LoopwiseServer(cfg, params, slots=32, exit=rule)
   assert ROW_GROUP == 8
-  assert srv.head_buckets == srv.fill_buckets == (8, 16, 24, 32)
+  assert srv.head_buckets == srv.fill_buckets == (8, 12, 16, 20, 24, 28, 32)
   assert srv.defer_buckets == (8, 16, 24, 32, 40, 48, 56, 64)
   assert srv.block_buckets == (8, 16, 24, 32)
   assert _eighths(64, 64) == tuple(range(8, 72, 8))
+  assert _eighths(16, 16) == (8, 10, 12, 14, 16)
   assert _eighths(8, 8) == tuple(range(1, 9)) and _eighths(4, 4) == (1, 2, 3, 4)
 
 

@@ -22,7 +22,7 @@ whole serving run is one ``lax.while_loop`` on the device; each iteration:
    embedding + prelude, slots at their last loop the coda;
 4. **emits**: slots whose token is complete are gathered into the smallest
    static *head bucket* that holds them (``head_buckets``, default multiples
-   of P/8 in whole 8-row groups of the native matmul, ``ROW_GROUP``; chosen
+   of P/8, none below one 8-row group of the native matmul, ``ROW_GROUP``; chosen
    by 0/1-trip ``while_loop``s: ``decode.inplace``, no
    conditional that copies the cache) and the LM head runs on that bucket,
    so the 49k-vocabulary head costs per emitted token, not per slot and step
@@ -103,26 +103,27 @@ def _distinct_buffers(tree):
   return jax.tree_util.tree_map(own, tree)
 
 
-# The native panel matmul computes rows in groups of 8; a group of fewer rows
-# (the last of a call whose row count is not a multiple of 8) splits each sum
-# over more accumulator chains, so its rows differ from the same rows in a
-# full group by float rounding (kernels/cpu_kernels.cc, Chains<R>). Buckets in
-# multiples of 8 rows keep every row of the head and the fill in a full group,
-# as in lockstep's full-pool calls: their per-row results are then bitwise
-# those of lockstep (bf16 panels round activations, so a rounding difference
-# upstream can change a token; measured on an AVX-512 CPU without AMX, where
-# main's bf16 rows gave other tokens than lockstep).
+# The native panel matmul computes rows in groups of 8. A call of fewer than 8
+# rows splits each sum over more accumulator chains (kernels/cpu_kernels.cc,
+# Chains<R>), so its rows differ from the same rows in a bigger call by float
+# rounding; in a call of at least 8 rows every row, a partial last group's
+# too, sums as in a full group. Buckets of at least 8 rows therefore give the
+# head and the fill lockstep's full-pool values bitwise (bf16 panels round
+# activations, so a rounding difference upstream can change a token; measured
+# on an AVX-512 CPU without AMX, where 4-row buckets gave other bf16 tokens
+# than lockstep before the kernel summed partial groups that way).
 ROW_GROUP = 8
 
 
 def _eighths(slots: int, top: int) -> tuple[int, ...]:
-  """Static bucket sizes: the multiples of slots/8 (at least 1), rounded up to
-  whole row groups of the native kernel (``ROW_GROUP``) when the pool holds at
-  least two, capped at top."""
+  """Static bucket sizes: the multiples of slots/8 (at least 1) capped at top,
+  none below one row group of the native kernel (``ROW_GROUP``) when the pool
+  holds at least two."""
   step = max(slots // 8, 1)
+  sizes = {min(b, top) for b in range(step, top + step, step)}
   if slots >= 2 * ROW_GROUP:
-    step = -(-step // ROW_GROUP) * ROW_GROUP
-  return tuple(sorted({min(b, top) for b in range(step, top + step, step)}))
+    sizes = {max(b, min(ROW_GROUP, top)) for b in sizes}
+  return tuple(sorted(sizes))
 
 
 class LoopwiseServer:
@@ -141,8 +142,8 @@ class LoopwiseServer:
       token rows per pass, and P; (P,) in lockstep.
     head_rows: most slots the head serves per step (default P: none waits).
     head_buckets: static row counts of the head (the smallest that holds the
-      waiting slots runs); default multiples of P/8 (whole 8-row groups from
-      P = 16 on: ``ROW_GROUP``) up to head_rows, or just
+      waiting slots runs); default multiples of P/8 (from P = 16 on none
+      below 8 rows: ``ROW_GROUP``) up to head_rows, or just
       head_rows in lockstep or when every token has the same depth.
     stage_rows: rows of the refill stage (loop-wise; default P); 0 prefills
       refills in place in the slots (passes of ``prefill_rows``).
