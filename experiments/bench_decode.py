@@ -40,6 +40,7 @@ from recursive_lm.kernels.roofline import (BandwidthProbe, kernel_compute_rate, 
                                          measure_bandwidth)
 
 FLAGS = flags.FLAGS
+F32_PREFETCH_ROWS = 4  # the f32 path's default (native.set_f32_prefetch)
 flags.DEFINE_string("model", "smollm2-135m", "Model to benchmark.")
 flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
 flags.DEFINE_integer("prompt_len", 32, "Prompt tokens.")
@@ -69,9 +70,10 @@ flags.DEFINE_string("out", "results", "Output folder.")
 flags.DEFINE_bool("amx_ab", True, "Where bf16/int8 panels run on AMX tiles, also time "
                   "them with AMX off (the AVX-512 path) in the same run, interleaved.")
 flags.DEFINE_bool("prefetch_ab", True, "Also time the panel engines whose kernels prefetch "
-                  "the weight stream into L2 (AMX tiles, bf16 dot products, int8 FMAs) with "
-                  "that prefetch off (native.set_amx_prefetch(0), set_bf16_prefetch(0), "
-                  "set_int8_prefetch(0)), interleaved.")
+                  "the weight stream into L2 (AMX tiles, bf16 dot products, int8 FMAs; f32 "
+                  "from 4 rows) with that prefetch off (native.set_amx_prefetch(0), "
+                  "set_bf16_prefetch(0), set_int8_prefetch(0), set_f32_prefetch(0)), "
+                  "interleaved.")
 
 NO_PREFETCH = "without L2 prefetch)"
 
@@ -261,19 +263,21 @@ def bench_engines(m, engines: dict, batch: int, probe: BandwidthProbe,
       return o.decode_seconds / o.steps, o.prefill_seconds + o.decode_seconds
     runners[f"recursive_lm ({name}, AMX off)"] = run_off
   # Every low-bit path prefetches its weight stream into L2 (AMX tiles, bf16
-  # dot products, int8 FMAs).
+  # dot products, int8 FMAs), the f32 path from F32_PREFETCH_ROWS rows.
   prefetching = [n for n in engines if n.startswith("panel") and (
-      n.endswith(":bf16") or n.endswith(":int8"))]
+      n.endswith(":bf16") or n.endswith(":int8")
+      or (n.endswith(":f32") and batch >= F32_PREFETCH_ROWS))]
   for name in prefetching if FLAGS.prefetch_ab else []:
     def run_nopf(eng=engines[name]):
       ahead = (native.set_amx_prefetch(0), native.set_int8_prefetch(0),
-               native.set_bf16_prefetch(0))
+               native.set_bf16_prefetch(0), native.set_f32_prefetch(0))
       try:
         o = eng.generate(prompts, FLAGS.new_tokens, stop_at_eos=False)
       finally:
         native.set_amx_prefetch(max(ahead[0], 0))
         native.set_int8_prefetch(max(ahead[1], 0))
         native.set_bf16_prefetch(max(ahead[2], 0))
+        native.set_f32_prefetch(max(ahead[3], 0))
       return o.decode_seconds / o.steps, o.prefill_seconds + o.decode_seconds
     runners[f"recursive_lm ({name}, {NO_PREFETCH}"] = run_nopf
   if llamacpp is not None:
@@ -530,9 +534,9 @@ def main(_):
            "Kernel path: the math of the row's bf16/int8/f32 panel matmuls at that batch "
            "(`recursive_lm.kernels.native.panel_path`); 'AMX off' rows are the same engine "
            "with the AMX path switched off (`native.set_amx(False)`), timed interleaved; "
-           "'without L2 prefetch' rows the same with the AMX, bf16 dot-product and int8 "
-           "paths' software prefetch of the weight stream off "
-           "(`native.set_amx_prefetch(0)`, `native.set_bf16_prefetch(0)`, "
+           "'without L2 prefetch' rows the same with the AMX, bf16 dot-product, int8 and "
+           "f32 (from 4 rows) paths' software prefetch of the weight stream off "
+           "(`native.set_amx_prefetch(0)`, `native.set_bf16_prefetch(0)`, `native.set_f32_prefetch(0)`, "
            "`native.set_int8_prefetch(0)`). 'of weights+KV': the fraction of a roofline "
            "that also counts the f32 KV-cache bytes the cache attention reads per step "
            "(`kv_cache_bytes_per_step`: every layer's K and V up to each step's position, "
