@@ -40,7 +40,6 @@ from recursive_lm.kernels.roofline import (BandwidthProbe, kernel_compute_rate, 
                                          measure_bandwidth)
 
 FLAGS = flags.FLAGS
-F32_PREFETCH_ROWS = 4  # the f32 path's default (native.set_f32_prefetch)
 flags.DEFINE_string("model", "smollm2-135m", "Model to benchmark.")
 flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
 flags.DEFINE_integer("prompt_len", 32, "Prompt tokens.")
@@ -263,10 +262,11 @@ def bench_engines(m, engines: dict, batch: int, probe: BandwidthProbe,
       return o.decode_seconds / o.steps, o.prefill_seconds + o.decode_seconds
     runners[f"recursive_lm ({name}, AMX off)"] = run_off
   # Every low-bit path prefetches its weight stream into L2 (AMX tiles, bf16
-  # dot products, int8 FMAs), the f32 path from F32_PREFETCH_ROWS rows.
+  # dot products, int8 FMAs), the f32 path from native.f32_prefetch_rows() rows.
+  f32_rows = native.f32_prefetch_rows()
   prefetching = [n for n in engines if n.startswith("panel") and (
       n.endswith(":bf16") or n.endswith(":int8")
-      or (n.endswith(":f32") and batch >= F32_PREFETCH_ROWS))]
+      or (n.endswith(":f32") and 0 < f32_rows <= batch))]
   for name in prefetching if FLAGS.prefetch_ab else []:
     def run_nopf(eng=engines[name]):
       ahead = (native.set_amx_prefetch(0), native.set_int8_prefetch(0),

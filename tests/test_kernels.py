@@ -329,7 +329,7 @@ def test_f32_next_panel_prefetch_does_not_change_results(rows, k):
       np.testing.assert_array_equal(np.asarray(f(x, wp)), ref)
   finally:
     native.set_f32_prefetch(was)
-  assert was == 4
+  assert was == 4 and native.f32_prefetch_rows() == 4
   np.testing.assert_allclose(ref, x.astype(np.float64) @ w, rtol=1e-4, atol=1e-4 * np.sqrt(k))
 
 

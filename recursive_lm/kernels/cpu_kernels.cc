@@ -275,6 +275,23 @@ struct Bf16Panels {
   }
 };
 
+// Rows [r0, r0 + n) of panel p, 1 <= n <= 8. kWhole: every row sums with one
+// chain (Chains<8>, a full group's order), whatever n.
+template <bool kWhole, typename Kernel>
+inline void RunGroup(const Kernel& kern, int64_t n, int64_t r0, int64_t p) {
+  constexpr int A8 = Chains<8>();
+  switch (n) {
+    case 1: kern.template Run<1, kWhole ? A8 : Chains<1>()>(r0, p); break;
+    case 2: kern.template Run<2, kWhole ? A8 : Chains<2>()>(r0, p); break;
+    case 3: kern.template Run<3, kWhole ? A8 : Chains<3>()>(r0, p); break;
+    case 4: kern.template Run<4, kWhole ? A8 : Chains<4>()>(r0, p); break;
+    case 5: kern.template Run<5, kWhole ? A8 : Chains<5>()>(r0, p); break;
+    case 6: kern.template Run<6, kWhole ? A8 : Chains<6>()>(r0, p); break;
+    case 7: kern.template Run<7, kWhole ? A8 : Chains<7>()>(r0, p); break;
+    default: kern.template Run<8>(r0, p); break;
+  }
+}
+
 // All M rows for panels [p0, p1), in groups of 8 rows. The row groups are the
 // inner loop: a panel (K x 32 weights, 72 KiB in f32 at K = 576) comes from
 // memory once and stays in L2 for the next group. In a call of more than 8
@@ -285,30 +302,13 @@ struct Bf16Panels {
 // (A call of fewer than 8 rows splits its sums over more chains for speed.)
 template <typename Kernel>
 void Panels(const Kernel& kern, int64_t M, int64_t p0, int64_t p1) {
-  constexpr int A8 = Chains<8>();
   for (int64_t p = p0; p < p1; ++p) {
     for (int64_t r0 = 0; r0 < M; r0 += 8) {
-      if (M > 8 && M - r0 < 8) {
-        switch (M - r0) {
-          case 1: kern.template Run<1, A8>(r0, p); break;
-          case 2: kern.template Run<2, A8>(r0, p); break;
-          case 3: kern.template Run<3, A8>(r0, p); break;
-          case 4: kern.template Run<4, A8>(r0, p); break;
-          case 5: kern.template Run<5, A8>(r0, p); break;
-          case 6: kern.template Run<6, A8>(r0, p); break;
-          default: kern.template Run<7, A8>(r0, p); break;
-        }
-        continue;
-      }
-      switch (M - r0 < 8 ? M - r0 : 8) {
-        case 1: kern.template Run<1>(r0, p); break;
-        case 2: kern.template Run<2>(r0, p); break;
-        case 3: kern.template Run<3>(r0, p); break;
-        case 4: kern.template Run<4>(r0, p); break;
-        case 5: kern.template Run<5>(r0, p); break;
-        case 6: kern.template Run<6>(r0, p); break;
-        case 7: kern.template Run<7>(r0, p); break;
-        default: kern.template Run<8>(r0, p); break;
+      const int64_t n = M - r0 < 8 ? M - r0 : 8;
+      if (M > 8) {
+        RunGroup<true>(kern, n, r0, p);
+      } else {
+        RunGroup<false>(kern, n, r0, p);
       }
     }
   }

@@ -164,16 +164,15 @@ def load() -> bool:
                       f"(decoding is slower): {why}", RuntimeWarning, stacklevel=2)
     _state.update(ok=ok, why=why)
     if ok:
+      rows = dict(AMX_MIN_ROWS)
+      if os.environ.get(AMX_MIN_ROWS_ENV):
+        rows = {k: int(os.environ[AMX_MIN_ROWS_ENV]) for k in rows}
+      _state["amx_wanted"] = rows
       _set_amx_locked(os.environ.get(AMX_ENV, "1") != "0")
     return ok
 
 
 def _set_amx_locked(enabled: bool) -> None:
-  if "amx_wanted" not in _state:
-    rows = dict(AMX_MIN_ROWS)
-    if os.environ.get(AMX_MIN_ROWS_ENV):
-      rows = {k: int(os.environ[AMX_MIN_ROWS_ENV]) for k in rows}
-    _state["amx_wanted"] = rows
   _state["amx_enabled"] = enabled
   rows = dict(_state["amx_wanted"])
   if not enabled:
@@ -216,7 +215,6 @@ def set_amx_min_rows(bf16: int | None = None, int8: int | None = None) -> dict:
   if not load():
     return {}
   with _lock:
-    _set_amx_locked(_state["amx_enabled"])  # fills amx_wanted
     was = dict(_state["amx_wanted"])
     for k, v in (("bf16", bf16), ("int8", int8)):
       if v is not None:
@@ -257,6 +255,15 @@ def set_f32_prefetch(min_rows: int) -> int:
   never; default 4) for later calls; bit-identical results. Returns the
   previous one (-1 without the kernels)."""
   return _set_prefetch("RecursiveLmF32Prefetch", min_rows)
+
+
+def f32_prefetch_rows() -> int:
+  """The row count from which f32 panel calls prefetch the next panel (0:
+  never; -1 without the kernels)."""
+  rows = set_f32_prefetch(0)
+  if rows >= 0:
+    set_f32_prefetch(rows)
+  return rows
 
 
 def set_bf16_prefetch(nbytes: int) -> int:
