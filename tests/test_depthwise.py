@@ -122,6 +122,22 @@ def test_exits_match_static_exit_reference(model, threshold):
     assert out.steps < base.steps and out.utilization > base.utilization
 
 
+def test_exits_with_per_loop_kv_lora_match_reference():
+  """With LoRA on k and v the skipped loops' K/V differ per loop (one projection
+  per loop); without (the fixture) one projection per shared layer serves every
+  skipped loop. Both match the sequential reference's state copying."""
+  cfg = tiny_config(plan=DepthPlan(1, 2, 3, 1), lora_ranks=(("k", 2), ("v", 2)),
+                    eos_id=None)
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.05 if p[-1].key.endswith("_b") else x, init_params(cfg, seed=4))
+  policy = ExitPolicy("softmax_max", 0.0134)
+  ref = [static_exit_reference(cfg, params, p, N_NEW, policy) for p in PROMPTS[:4]]
+  out = DepthwiseBatcher(cfg, params, slots=3, exit=policy).generate(
+      PROMPTS[:4], max_new_tokens=N_NEW)
+  assert out.tokens == [r[0] for r in ref] and out.loops == [r[1] for r in ref]
+  assert any(1 in l for l in out.loops)  # some tokens skip two loops
+
+
 def test_eos_sampling_and_determinism(model):
   cfg, params = model
   free = Engine(cfg, params).generate([PROMPTS[0]], max_new_tokens=N_NEW).tokens[0]

@@ -196,12 +196,24 @@ def _kv_projection(cfg: ModelConfig, lp, x: Array, lora) -> tuple[Array, Array]:
   return k, v
 
 
+def _kv_loop_free(cfg: ModelConfig) -> bool:
+  """Whether a block layer's K/V projection is the same at every loop (no
+  per-loop LoRA on k or v): the K/V of a token's skipped loops of one shared
+  layer are then one projection of its exit state, written once per loop."""
+  return not ({"k", "v"} & set(cfg.lora or ()))
+
+
 def fill_kv(cfg: ModelConfig, params, cache, rows: Array, h: Array, pos: Array,
             depth: Array, valid: Array):
   """State copying for ``rows`` [R] (slot indices) whose token stopped after
   ``depth`` [R] loops with exit state h [R, D] at pos [R]: K/V of every skipped
   block layer (loops >= depth) and of the coda, from h. Rows with ``valid``
-  False or depth == N write nothing. Returns the cache (a ``nn.cache.KVCache``)."""
+  False or depth == N write nothing. Returns the cache (a ``nn.cache.KVCache``).
+
+  Every skipped layer reads the same exit state, so without per-loop LoRA on
+  k/v (``_kv_loop_free``) the skipped loops of one shared layer have the same
+  K/V: it is projected once and written into each skipped loop's slot (with
+  3 loops, half the projections of one per loop; the values are the same)."""
   plan = cfg.plan
   n_loops = plan.loops
   hkv, dh = cfg.n_kv_heads, cfg.head_dim
@@ -210,30 +222,42 @@ def fill_kv(cfg: ModelConfig, params, cache, rows: Array, h: Array, pos: Array,
   cos, sin = L.rope_cos_sin(cfg.rope, dh, pos[:, None])
   x = h[:, None]
   r = rows.shape[0]
-  units = plan.unrolled()
-  for i in range(plan.prelude + plan.block, len(units)):
-    group, idx, loop = units[i]
-    skip = valid & (depth < n_loops)
-    if group == "block":
-      skip = skip & (depth <= loop)
-      lp = params["block"][f"layer_{idx}"]
-      lora = D._loop_lora(cfg, params, idx, loop)  # pylint: disable=protected-access
-    else:
-      lp, lora = params[f"{group}_{idx}"], None
+  live = valid & (depth < n_loops)
+
+  def project(lp, lora):
     k, v = _kv_projection(cfg, lp, _norm(cfg, lp["attn_norm"], x), lora)
     k = L.apply_rope(k.reshape(r, 1, hkv, dh), cos, sin)[:, 0]
-    v = v.reshape(r, hkv, dh)
-    slot = jnp.where(skip, pos, s)[:, None]
-    ck0, cv0 = cache[group][idx]
-    ck, cv = ck0, cv0
+    return k, v.reshape(r, hkv, dh)
+
+  def write(c, flat_rows, shape, slot, new):
+    return c.reshape(shape).at[flat_rows, slot].set(new.astype(c.dtype), mode="drop"
+                                                    ).reshape(c.shape)
+
+  # (group, idx, [loops]) per projection: one per shared layer when its K/V
+  # does not depend on the loop, else one per (layer, loop); then the coda.
+  later = range(1, n_loops)
+  if _kv_loop_free(cfg):
+    jobs = [("block", k, list(later)) for k in range(plan.block)] if n_loops > 1 else []
+  else:
+    jobs = [("block", k, [l]) for l in later for k in range(plan.block)]
+  jobs += [("coda", i, [0]) for i in range(plan.coda)]
+  for group, idx, loops in jobs:
     if group == "block":
-      flat_rows = (loop * p + rows[:, None]) * hkv + jnp.arange(hkv)[None]
-      n = ck.shape[0]
-      shape = (n * p * hkv, s, dh)
+      lp = params["block"][f"layer_{idx}"]
+      lora = D._loop_lora(cfg, params, idx, loops[0]) if len(loops) == 1 else None  # pylint: disable=protected-access
     else:
-      flat_rows = rows[:, None] * hkv + jnp.arange(hkv)[None]
-      shape = (p * hkv, s, dh)
-    ck = ck.reshape(shape).at[flat_rows, slot].set(k.astype(ck.dtype), mode="drop")
-    cv = cv.reshape(shape).at[flat_rows, slot].set(v.astype(cv.dtype), mode="drop")
-    cache = cache.with_layer(group, idx, (ck.reshape(ck0.shape), cv.reshape(cv0.shape)))
+      lp, lora = params[f"{group}_{idx}"], None
+    k, v = project(lp, lora)
+    ck, cv = cache[group][idx]
+    for loop in loops:
+      skip = live & (depth <= loop) if group == "block" else live
+      slot = jnp.where(skip, pos, s)[:, None]
+      if group == "block":
+        flat_rows = (loop * p + rows[:, None]) * hkv + jnp.arange(hkv)[None]
+        shape = (ck.shape[0] * p * hkv, s, dh)
+      else:
+        flat_rows = rows[:, None] * hkv + jnp.arange(hkv)[None]
+        shape = (p * hkv, s, dh)
+      ck, cv = write(ck, flat_rows, shape, slot, k), write(cv, flat_rows, shape, slot, v)
+    cache = cache.with_layer(group, idx, (ck, cv))
   return cache
