@@ -12,7 +12,22 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+import gc  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+  """Drops JAX's compiled programs after each test module. Every XLA:CPU
+  executable keeps its JIT code in its own memory mappings; a test worker that
+  keeps all of them runs into the kernel's limit on mappings per process
+  (vm.max_map_count, 65530) and the next compilation aborts in LLVM
+  ("Unable to allocate section memory"; seen as a worker crash in
+  test_speculative after ~300 tests, the core dump holding 65531 mappings)."""
+  yield
+  jax.clear_caches()
+  gc.collect()
 
 
 @pytest.fixture(scope="module")
