@@ -1,4 +1,5 @@
 """Test setup: 8 fake CPU devices (for sharding tests), deterministic numerics."""
+import gc
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -11,8 +12,6 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-
-import gc  # noqa: E402
 
 import pytest  # noqa: E402
 

@@ -200,7 +200,7 @@ def _kv_loop_free(cfg: ModelConfig) -> bool:
   """Whether a block layer's K/V projection is the same at every loop (no
   per-loop LoRA on k or v): the K/V of a token's skipped loops of one shared
   layer are then one projection of its exit state, written once per loop."""
-  return not ({"k", "v"} & set(cfg.lora or ()))
+  return not ({"k", "v"} & cfg.lora.keys())
 
 
 def fill_kv(cfg: ModelConfig, params, cache, rows: Array, h: Array, pos: Array,
@@ -237,7 +237,7 @@ def fill_kv(cfg: ModelConfig, params, cache, rows: Array, h: Array, pos: Array,
   # does not depend on the loop, else one per (layer, loop); then the coda.
   later = range(1, n_loops)
   if _kv_loop_free(cfg):
-    jobs = [("block", k, list(later)) for k in range(plan.block)] if n_loops > 1 else []
+    jobs = [("block", k, list(later)) for k in range(plan.block)] if later else []
   else:
     jobs = [("block", k, [l]) for l in later for k in range(plan.block)]
   jobs += [("coda", i, [0]) for i in range(plan.coda)]
