@@ -34,6 +34,10 @@ flags.DEFINE_integer("pos", 144, "Largest position of a row (rows spread over po
 flags.DEFINE_integer("steps", 20, "Block steps chained per timed call.")
 flags.DEFINE_integer("repeats", 7, "Interleaved timed calls per variant (median).")
 flags.DEFINE_string("lock", "/tmp/rlm_cpu.lock", "Lock file ('': none).")
+flags.DEFINE_list("busy", [], "Instead of the four variants: time the loop-wise block "
+                  "path with only this many busy slots (rows spread over the loops), "
+                  "each in its own row bucket, e.g. 4,8,12,16,20,24,28,32: the block "
+                  "step's cost against its rows.")
 
 
 def main(_):
@@ -52,39 +56,47 @@ def main(_):
   params = jax.tree_util.tree_map(jnp.asarray, dict(params))
   p, n = FLAGS.slots, FLAGS.loops
   kw = dict(slots=p, kernel_layout="panel", fuse=True, eos_id=None)
-  servers = {"loop-wise": LoopwiseServer(cfg, params, lockstep=False, **kw),
-             "lockstep": LoopwiseServer(cfg, params, lockstep=True, **kw)}
+  busy = sorted({min(max(int(b), 1), p) for b in FLAGS.busy})
+  if busy:  # one row bucket per busy count
+    servers = {"loop-wise": LoopwiseServer(cfg, params, lockstep=False,
+                                           block_buckets=busy, **kw)}
+  else:
+    servers = {"loop-wise": LoopwiseServer(cfg, params, lockstep=False, **kw),
+               "lockstep": LoopwiseServer(cfg, params, lockstep=True, **kw)}
   s = ((FLAGS.pos + 1 + 63) // 64) * 64
   rng = np.random.default_rng(0)
-  cache = init_cache(servers["lockstep"].cfg, p, s)
+  cache = init_cache(servers["loop-wise"].cfg, p, s)
   blk = tuple(tuple(jnp.asarray(rng.standard_normal(x.shape).astype(np.float32) * 0.1)
                     for x in kv) for kv in cache["block"])
   pos = jnp.asarray(rng.integers(FLAGS.pos // 2, FLAGS.pos, (p,)), jnp.int32)
   h = jnp.asarray(rng.standard_normal((p, cfg.d_model)).astype(np.float32))
-  go = jnp.ones((p,), bool)
-  loops = {"one loop": jnp.full((p,), 1, jnp.int32),
-           "spread": jnp.arange(p, dtype=jnp.int32) % n}
+  spread = jnp.arange(p, dtype=jnp.int32) % n
+  if busy:
+    loops = {f"spread, {b} busy": (spread, jnp.arange(p) < b) for b in busy}
+  else:
+    loops = {"one loop": (jnp.full((p,), 1, jnp.int32), jnp.ones((p,), bool)),
+             "spread": (spread, jnp.ones((p,), bool))}
 
   def chain(srv):
-    def f(params, loop, h, pos, blk):
+    def f(params, loop, go, h, pos, blk):
       def body(_, c):
         h, blk = c
         h2, blk = srv._block_loop(params, loop, h, pos, blk, go)  # pylint: disable=protected-access
         return (h2 * 0.5 + h * 0.5).astype(h.dtype), tuple(tuple(kv) for kv in blk)
       return jax.lax.fori_loop(0, FLAGS.steps, body, (h, blk))
-    return jax.jit(f, donate_argnums=(4,))
+    return jax.jit(f, donate_argnums=(5,))
 
   fns = {}
   for sname, srv in servers.items():
     f = chain(srv)
-    for lname, loop in loops.items():
-      fns[(sname, lname)] = (f, srv.params, loop)
+    for lname, (loop, go) in loops.items():
+      fns[(sname, lname)] = (f, srv.params, loop, go)
   state = {"blk": blk}
 
   def call(key):
-    f, prm, loop = fns[key]
+    f, prm, loop, go = fns[key]
     t0 = time.perf_counter()
-    out_h, state["blk"] = f(prm, loop, h, pos, state["blk"])
+    out_h, state["blk"] = f(prm, loop, go, h, pos, state["blk"])
     out_h.block_until_ready()
     return time.perf_counter() - t0
 
@@ -100,7 +112,7 @@ def main(_):
   if lock:
     fcntl.flock(lock, fcntl.LOCK_UN)
   print(f"{time.strftime('%Y-%m-%d %H:%M')}: python {' '.join(sys.argv)}")
-  print(f"{n}-loop conversion, {p} busy slots, positions {FLAGS.pos // 2}-{FLAGS.pos}, "
+  print(f"{n}-loop conversion, {p} slots, positions {FLAGS.pos // 2}-{FLAGS.pos}, "
         f"cache length {s}; ms per block step (median of {FLAGS.repeats} calls of "
         f"{FLAGS.steps} steps)")
   print("| block path | loops of the rows | ms per step | runs |")
