@@ -61,10 +61,6 @@ flags.DEFINE_bool("ab_block", False, "Also time loop-wise with the block on ever
 flags.DEFINE_bool("ab_fill", False, "Also time loop-wise with the immediate skipped-loop "
                   "K/V fill (defer_fill=False) in the same interleaved runs: the A/B of "
                   "the deferred fill.")
-flags.DEFINE_integer("head_min_rows", 1, "Loop-wise: the head runs when at least this "
-                     "many slots wait (or nothing else computes); 1: whenever a token is done.")
-flags.DEFINE_list("ab_head_min", [], "Also time loop-wise with these head_min_rows values "
-                  "(same stream, interleaved), e.g. 16,24.")
 flags.DEFINE_integer("repeats", 3, "Interleaved timed repeats (median).")
 flags.DEFINE_integer("seed", 0, "Depth and prompt seed.")
 flags.DEFINE_bool("append", False, "Add rows to an existing bench_serving.json (a row "
@@ -176,8 +172,6 @@ def main(_):
       kw = dict(slots=FLAGS.slots, exit=rule, prefill_chunk=FLAGS.chunk,
                 kernel_layout="panel", fuse=True, eos_id=None, weights=FLAGS.weights)
       hr = {"head_rows": FLAGS.head_rows} if FLAGS.head_rows else {}
-      if FLAGS.head_min_rows != 1:
-        hr["head_min_rows"] = FLAGS.head_min_rows
       if FLAGS.stage_rows >= 0:
         hr["stage_rows"] = FLAGS.stage_rows
       servers = {"loop-wise": cls(cfg, params, lockstep=False, **kw, **hr),
@@ -188,9 +182,6 @@ def main(_):
       if FLAGS.ab_fill:
         servers["loop-wise, immediate fill"] = cls(
             cfg, params, lockstep=False, defer_fill=False, **kw, **hr)
-      for m in FLAGS.ab_head_min:
-        servers[f"loop-wise, head_min_rows={int(m)}"] = cls(
-            cfg, params, lockstep=False, **kw, **dict(hr, head_min_rows=int(m)))
       run = lambda s: s.generate(prompts, FLAGS.new_tokens, stop_at_eos=False)
       outs = {}
       for k, s in servers.items():
@@ -231,7 +222,6 @@ def main(_):
              "loopwise_head_calls": a.head_calls, "lockstep_head_calls": b.head_calls,
              "loopwise_utilization": a.utilization, "lockstep_utilization": b.utilization,
              "head_rows": servers["loop-wise"].head_rows,
-             "head_min_rows": servers["loop-wise"].head_min_rows,
              "stage_rows": servers["loop-wise"].stage_rows,
              "runs_s": {k: [o.seconds for o in v] for k, v in outs.items()}}
       if FLAGS.ab_block:
@@ -245,13 +235,6 @@ def main(_):
         row.update(immediate_fill_tps=tps["loop-wise, immediate fill"],
                    immediate_fill_ratio=tps["loop-wise, immediate fill"] / tps["lockstep"],
                    immediate_fill_identical_tokens=c.tokens == a.tokens and c.loops == a.loops)
-      if FLAGS.ab_head_min:
-        row["head_min_variants"] = {
-            k: {"tps": tps[k], "ratio": tps[k] / tps["lockstep"],
-                "head_calls": outs[k][-1].head_calls, "steps": outs[k][-1].steps,
-                "identical_tokens": outs[k][-1].tokens == a.tokens
-                                    and outs[k][-1].loops == a.loops}
-            for k in servers if k.startswith("loop-wise, head_min_rows=")}
       row.update(loopwise_fill_calls=getattr(servers["loop-wise"], "last_fill_calls", None),
                  lockstep_fill_calls=getattr(servers["lockstep"], "last_fill_calls", None))
       # A rerun of a (model, depths, stream) row replaces the earlier one; a

@@ -201,26 +201,3 @@ def test_low_bit_weights_run_the_block_on_every_slot(model):
   assert LoopwiseServer(cfg, params, slots=8, exit=rule, kernel_layout="panel",
                         weights="bf16").block_buckets == (8,)
   assert LoopwiseServer(cfg, params, slots=8, exit=rule).block_buckets == (2, 4, 6, 8)
-
-
-def test_head_min_rows_batches_the_head(model):
-  """The head waiting for at least k finished slots (or for nothing else to
-  compute) gives the tokens and depths of the head run whenever a token is
-  done, in fewer head calls and more block steps; k beyond the slots is
-  capped, and k < 1 is refused with a clear line."""
-  cfg, params = model
-  rule = ForcedDepth.uniform(3, seed=1)
-  now = LoopwiseServer(cfg, params, slots=4, exit=rule)
-  lock = LoopwiseServer(cfg, params, slots=4, exit=rule, lockstep=True)
-  a, ref = now.generate(PROMPTS, N_NEW), lock.generate(PROMPTS, N_NEW)
-  assert now.head_min_rows == 1 and lock.head_min_rows == 1
-  for k in (2, 3, 9):
-    srv = LoopwiseServer(cfg, params, slots=4, exit=rule, head_min_rows=k)
-    assert srv.head_min_rows == min(k, 4)
-    b = srv.generate(PROMPTS, N_NEW)
-    assert b.tokens == a.tokens == ref.tokens and b.loops == a.loops
-    assert b.head_calls < a.head_calls and b.steps > a.steps
-  assert LoopwiseServer(cfg, params, slots=4, exit=rule, head_min_rows=3,
-                        lockstep=True).head_min_rows == 1
-  with pytest.raises(ValueError, match="head_min_rows must be >= 1"):
-    LoopwiseServer(cfg, params, slots=4, exit=rule, head_min_rows=0)

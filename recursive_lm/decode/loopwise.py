@@ -159,12 +159,6 @@ class LoopwiseServer:
       twice the rows): the next token of a slot reads a skipped loop's K/V
       two iterations after its token was emitted at the earliest. Default on
       in loop-wise; lockstep fills once per token (nothing to pair).
-    head_min_rows: (loop-wise, depths not decided by the head) the head runs
-      only when at least this many slots wait for it, or when no slot is
-      still computing a token; the others wait (one step or more) and the
-      block runs on fewer rows meanwhile. Fewer, larger head calls: a head
-      call reads the whole vocabulary matrix whatever its rows. Same tokens;
-      default 1 (the head runs whenever a token is done).
   """
 
   def __init__(self, cfg: ModelConfig, params, slots: int = 8, exit=None,
@@ -174,7 +168,7 @@ class LoopwiseServer:
                kernel_layout: str | None = None, fuse: bool = False, weights: str = "f32",
                stage_rows: int | None = None, head_buckets: Sequence[int] | None = None,
                compact_fill: bool = True, block_buckets: Sequence[int] | None = None,
-               defer_fill: bool | None = None, head_min_rows: int = 1):
+               defer_fill: bool | None = None):
     check_recursive(cfg, "depth-wise batching" if not lockstep else
                     "the sequence-wise early-exit baseline")
     if slots < 1:
@@ -202,10 +196,6 @@ class LoopwiseServer:
       # so no finished token waits a step for the head.
       head_rows = p
     self.head_rows = min(max(int(head_rows), 1), p)
-    if head_min_rows < 1:
-      raise ValueError(f"head_min_rows must be >= 1 (1: the head runs whenever a token "
-                       f"is done), got {head_min_rows}")
-    self.head_min_rows = 1 if lockstep else min(int(head_min_rows), self.head_rows)
     # Staged refills (loop-wise): the next requests are prefilled together, in
     # one pass of ``stage_rows`` rows per chunk, into a staging cache, and a
     # slot that frees takes a staged request by copying its cache row. Refills
@@ -281,7 +271,7 @@ class LoopwiseServer:
     return (type(self), self.cfg, self.slots, self.exit if not self._emit_now else
             self.exit.measure, self.lockstep, self.eos_id, self.pad_id, self.chunk,
             self.prefill_rows, self.head_rows, self.stage_rows, self.head_buckets,
-            self.compact_fill, self.block_buckets, self.defer_fill, self.head_min_rows)
+            self.compact_fill, self.block_buckets, self.defer_fill)
 
   def __hash__(self):
     return hash(self._static_key())
@@ -776,10 +766,6 @@ class LoopwiseServer:
       need = jnp.any(st["ready"])
       if self.lockstep:  # once per token, when the deepest row is done
         need = need & ~jnp.any((st["phase"] == DECODE) & ~st["ready"] & ~st["parked"])
-      elif self.head_min_rows > 1:  # enough tokens wait, or nothing else computes
-        computing = jnp.any((st["phase"] == DECODE) & ~st["ready"] & ~st["parked"])
-        need = need & ((jnp.sum(st["ready"], dtype=jnp.int32) >= self.head_min_rows)
-                       | ~computing)
       # the smallest head bucket that holds every waiting slot (at most head_rows)
       buckets = self.head_buckets
       n_ready = jnp.minimum(jnp.sum(st["ready"], dtype=jnp.int32), self.head_rows)
